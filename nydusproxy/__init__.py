@@ -1,0 +1,1 @@
+"""nydus-proxy: a blob server for nydusd."""
