@@ -61,9 +61,9 @@ class FileProducer:
         self._nextTurn: IDelayedCall | None = None
 
     def start(self) -> None:
-        self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(self._connectionLost)
         self._nextPart()
+        self._request.registerProducer(self, True)
         self.resumeProducing()
 
     def pauseProducing(self) -> None:

@@ -1,0 +1,187 @@
+"""
+The command line and the service it builds, without running a reactor.
+"""
+
+import os
+import sys
+
+from twisted.application.service import IService
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactor
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from nydusproxy import tap
+from nydusproxy.site import BlobSite
+
+from .support import makeBlobDir
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self):
+        self.blobsdir = makeBlobDir(self)
+
+    def test_defaults(self):
+        """
+        Only --blobsdir is needed; it is made absolute, and the server
+        listens on tcp:8000.
+        """
+        options = tap.Options()
+        relative = os.path.relpath(self.blobsdir)
+        options.parseOptions(["--blobsdir", relative])
+        self.assertEqual(
+            dict(options),
+            {
+                "blobsdir": os.path.abspath(relative),
+                "listen": ["tcp:8000"],
+                "max-ranges": 16,
+                "no-access-log": 0,
+            },
+        )
+
+    def test_everything(self):
+        """
+        Every option, with the upstream proxy's short C{-b}.
+        """
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "-b", self.blobsdir,
+                "--listen", "tcp:8001:interface=127.0.0.1",
+                "--listen", "unix:/tmp/nydus-proxy-test.sock",
+                "--max-ranges", "4",
+                "--no-access-log",
+            ]
+        )
+        self.assertEqual(
+            dict(options),
+            {
+                "blobsdir": self.blobsdir,
+                "listen": ["tcp:8001:interface=127.0.0.1", "unix:/tmp/nydus-proxy-test.sock"],
+                "max-ranges": 4,
+                "no-access-log": 1,
+            },
+        )
+
+    def test_blobsdirRequired(self):
+        """
+        Without --blobsdir the command line is wrong.
+        """
+        error = self.assertRaises(UsageError, tap.Options().parseOptions, [])
+        self.assertIn("--blobsdir", str(error))
+
+    def test_badListen(self):
+        """
+        An endpoint string that does not parse is a usage error naming it.
+        """
+        for description in ("bogus:1", "tcp:notaport"):
+            error = self.assertRaises(
+                UsageError,
+                tap.Options().parseOptions,
+                ["--blobsdir", self.blobsdir, "--listen", description],
+            )
+            self.assertIn(description, str(error))
+
+    def test_badMaxRanges(self):
+        """
+        --max-ranges is a whole number of at least 1.
+        """
+        for value in ("0", "x"):
+            self.assertRaises(
+                UsageError,
+                tap.Options().parseOptions,
+                ["--blobsdir", self.blobsdir, "--max-ranges", value],
+            )
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def setUp(self):
+        self.blobsdir = makeBlobDir(self)
+        self.addCleanup(setattr, sys, "excepthook", sys.excepthook)
+
+    def options(self, *extra):
+        options = tap.Options()
+        options.parseOptions(["--blobsdir", self.blobsdir, *extra])
+        return options
+
+    def test_listens(self):
+        """
+        One listening service per --listen, all serving the same site.
+        """
+        reactor = MemoryReactor()
+        service = tap.makeService(
+            self.options("--listen", "tcp:8001", "--listen", "tcp:8002:interface=127.0.0.2"),
+            reactor=reactor,
+        )
+        IService(service).privilegedStartService()
+        self.assertEqual([(port, host) for port, _, _, host in reactor.tcpServers],
+                         [(8001, ""), (8002, "127.0.0.2")])
+        factories = {factory for _, factory, _, _ in reactor.tcpServers}
+        self.assertEqual(len(factories), 1)
+        [site] = factories
+        self.assertIsInstance(site, BlobSite)
+        self.assertTrue(site.accessLog)
+
+    def test_noAccessLog(self):
+        """
+        --no-access-log turns the access log off.
+        """
+        site = tap.buildSite(self.options("--no-access-log"), MemoryReactor())
+        self.assertFalse(site.accessLog)
+
+    def test_blobsdirProblems(self):
+        """
+        A missing, non-directory or unreadable blob directory stops the
+        start with one line naming it.
+        """
+        missing = os.path.join(self.blobsdir, "missing")
+        notDir = os.path.join(self.blobsdir, "file")
+        with open(notDir, "w"):
+            pass
+        for path, problem in ((missing, "does not exist"), (notDir, "is not a directory")):
+            options = self.options()
+            options["blobsdir"] = path
+            error = self.assertRaises(tap.StartupError, tap.makeService, options, MemoryReactor())
+            self.assertEqual(str(error), f"blob directory {path} {problem}")
+
+    def test_unreadableBlobsdir(self):
+        """
+        A blob directory the server cannot read stops the start.
+        """
+        if os.getuid() == 0:
+            self.skipTest("root reads every directory")
+        os.chmod(self.blobsdir, 0)
+        self.addCleanup(os.chmod, self.blobsdir, 0o755)
+        error = self.assertRaises(tap.StartupError, tap.makeService, self.options(), MemoryReactor())
+        self.assertIn("cannot be read", str(error))
+
+    def test_cannotListen(self):
+        """
+        A port that cannot be listened on fails the start with a
+        StartupError naming it, and logs it.
+        """
+
+        class BusyReactor(MemoryReactor):
+            def listenTCP(self, port, factory, backlog=50, interface=""):
+                raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+        service = tap.makeService(self.options("--listen", "tcp:8001"), reactor=BusyReactor())
+        error = self.assertRaises(tap.StartupError, IService(service).privilegedStartService)
+        self.assertEqual(str(error), "cannot listen on *:8001: [Errno 98] Address already in use")
+
+    def test_startupErrorWithoutTraceback(self):
+        """
+        A StartupError reaching the interpreter prints its message alone;
+        other exceptions keep the usual report.
+        """
+        seen = []
+        sys.excepthook = lambda *args: seen.append(args)
+        error = tap.StartupError("the reason")
+        stderr = self.mktemp()
+        with open(stderr, "w") as f:
+            self.patch(sys, "__stderr__", f)
+            sys.excepthook(tap.StartupError, error, None)
+            sys.excepthook(ValueError, ValueError("other"), None)
+        with open(stderr) as f:
+            self.assertEqual(f.read(), "nydus-proxy: the reason\n")
+        self.assertEqual([args[0] for args in seen], [ValueError])
