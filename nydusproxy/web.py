@@ -10,11 +10,13 @@ import re
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.http import datetimeToString
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from . import errors
+from .conditional import notModified, rangeApplies
 from .producer import FileProducer, Part
 from .ranges import parseRange
 from .store import BlobStore
@@ -30,6 +32,8 @@ _READ_METHODS = (b"GET", b"HEAD")
 _OCTET_STREAM = b"application/octet-stream"
 _JSON = b"application/json"
 _EMPTY_JSON = b"{}"
+# Blobs are content-addressed: what a digest names never changes.
+_IMMUTABLE = b"public, max-age=31536000, immutable"
 
 
 class BlobResource:
@@ -60,17 +64,35 @@ class BlobResource:
             )
         fd, status = found
         try:
-            return self._respond(request, fd, status.st_size, digest)
+            return self._respond(request, fd, status, digest)
         except BaseException:
             os.close(fd)
             raise
 
-    def _respond(self, request: IRequest, fd: int, size: int, digest: bytes) -> bytes | int:
+    def _respond(
+        self, request: IRequest, fd: int, status: os.stat_result, digest: bytes
+    ) -> bytes | int:
+        size = status.st_size
+        modified = int(status.st_mtime)
+        etag = b'"%s"' % (digest,)
         request.setHeader(b"Docker-Content-Digest", digest)
-        request.setHeader(b"ETag", b'"%s"' % (digest,))
+        request.setHeader(b"ETag", etag)
+        request.setHeader(b"Cache-Control", _IMMUTABLE)
+        request.setHeader(b"Last-Modified", datetimeToString(modified))
         request.setHeader(b"Accept-Ranges", b"bytes")
+        if notModified(request, etag, modified):
+            os.close(fd)
+            # Finished here: returning b"" from render would add a
+            # "Content-Length: 0", which a 304 must not claim (RFC 9110 8.6).
+            request.setResponseCode(304)
+            request.finish()
+            return NOT_DONE_YET
         rangeHeader = request.getHeader(b"range")
-        if request.method == b"HEAD" or rangeHeader is None:
+        if (
+            request.method == b"HEAD"
+            or rangeHeader is None
+            or not rangeApplies(request, etag, modified)
+        ):
             ranges = None
         else:
             ranges = parseRange(rangeHeader, size, self.maxRanges)

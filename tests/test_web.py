@@ -519,3 +519,84 @@ class DummyRequestTests(SynchronousTestCase):
         request = self.render([b"nothing"])
         self.assertEqual(request.responseCode, 404)
         self.assertIn(b'"code":"NAME_UNKNOWN"', b"".join(request.written))
+
+
+class ConditionalTests(SynchronousTestCase):
+    """
+    Caching headers and conditional requests (RFC 9110, section 13).
+    """
+
+    def setUp(self):
+        blobsdir = makeBlobDir(self, [BLOB])
+        self.modified = 1_700_000_000
+        os.utime(os.path.join(blobsdir, HEX), (self.modified, self.modified))
+        self.server = InMemoryServer(blobsdir)
+        self.lastModified = "Tue, 14 Nov 2023 22:13:20 GMT"
+        self.etag = f'"{DIGEST}"'
+
+    def test_cachingHeaders(self):
+        """
+        A blob is immutable: strong ETag, a year of Cache-Control, and its
+        file's modification time as Last-Modified.
+        """
+        for method in (b"GET", b"HEAD"):
+            response = self.server.get(path("a", DIGEST), method=method)
+            self.assertEqual(response.header("etag"), self.etag)
+            self.assertEqual(response.header("cache-control"), "public, max-age=31536000, immutable")
+            self.assertEqual(response.header("last-modified"), self.lastModified)
+
+    def test_ifNoneMatch(self):
+        """
+        A matching If-None-Match is 304 with no body, on GET and HEAD; a
+        weak tag, a list, and C{*} match; another tag does not.
+        """
+        for value in (self.etag, f"W/{self.etag}", f'"other", {self.etag}', "*"):
+            for method in (b"GET", b"HEAD"):
+                response = self.server.get(path("a", DIGEST), method=method,
+                                           if_none_match=value.encode())
+                self.assertEqual(response.status, 304, value)
+                self.assertEqual(response.body, b"")
+                self.assertEqual(response.header("etag"), self.etag)
+                self.assertIsNone(response.header("content-length"))
+                self.assertIsNone(response.header("content-type"))
+        response = self.server.get(path("a", DIGEST), if_none_match=b'"sha256:other"')
+        self.assertEqual((response.status, response.body), (200, BLOB))
+
+    def test_ifNoneMatchBeatsIfModifiedSince(self):
+        """
+        With If-None-Match, If-Modified-Since is not looked at.
+        """
+        response = self.server.get(path("a", DIGEST), if_none_match=b'"x"',
+                                   if_modified_since=self.lastModified.encode())
+        self.assertEqual(response.status, 200)
+
+    def test_ifModifiedSince(self):
+        """
+        If-Modified-Since at or after the blob's time is 304; before, or
+        not a date, the blob.
+        """
+        later = b"Wed, 15 Nov 2023 00:00:00 GMT"
+        earlier = b"Mon, 13 Nov 2023 00:00:00 GMT"
+        cases = [(self.lastModified.encode(), 304), (later, 304), (earlier, 200),
+                 (b"yesterday", 200), (b"", 200), (b"Sun, 99 Foo 2023 00:00:00 GMT", 200)]
+        for value, status in cases:
+            response = self.server.get(path("a", DIGEST), if_modified_since=value)
+            self.assertEqual(response.status, status, value)
+
+    def test_ifRange(self):
+        """
+        If-Range with this blob's ETag or exact date lets the Range apply
+        (206); anything else gives the whole blob (200).
+        """
+        cases = [
+            (self.etag.encode(), 206),
+            (self.lastModified.encode(), 206),
+            (b'"sha256:other"', 200),
+            (b"W/" + self.etag.encode(), 200),
+            (b"Mon, 13 Nov 2023 00:00:00 GMT", 200),
+            (b"garbage", 200),
+        ]
+        for value, status in cases:
+            response = self.server.get(path("a", DIGEST), range=b"bytes=0-9", if_range=value)
+            self.assertEqual(response.status, status, value)
+            self.assertEqual(response.body, BLOB[:10] if status == 206 else BLOB)
