@@ -31,9 +31,13 @@ class Options(usage.Options):
         ["blobsdir", "b", None, "Directory of blob files, named by their 64-hex id."],
         ["max-ranges", None, 16, "Most ranges served from one request; a "
          "Range header with more is ignored (whole blob).", int],
+        ["send-timeout", None, 60.0, "Seconds a client may read nothing of a "
+         "response before it is disconnected.", float],
     ]
     optFlags = [
         ["no-access-log", None, "Do not log a line per request."],
+        ["no-sendfile", None, "Send blobs through the transport's buffer "
+         "instead of sendfile(2)."],
     ]
 
     def __init__(self) -> None:
@@ -58,6 +62,8 @@ class Options(usage.Options):
         self["blobsdir"] = os.path.abspath(self["blobsdir"])
         if self["max-ranges"] < 1:
             raise usage.UsageError("--max-ranges must be at least 1")
+        if self["send-timeout"] <= 0:
+            raise usage.UsageError("--send-timeout must be positive")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
 
@@ -119,7 +125,13 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
 
         reactor = globalReactor
     store = openBlobStore(options["blobsdir"])
-    blobs = BlobResource(store, reactor, options["max-ranges"])
+    blobs = BlobResource(
+        store,
+        reactor,
+        options["max-ranges"],
+        useSendfile=not options["no-sendfile"],
+        sendTimeout=options["send-timeout"],
+    )
     return BlobSite(
         RegistryResource(blobs), accessLog=not options["no-access-log"], reactor=reactor
     )

@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from . import errors
 from .conditional import notModified, rangeApplies
-from .producer import FileProducer, Part
+from .producer import FileProducer, Part, SendfileProducer, sendfileTransport
 from .ranges import parseRange
 from .store import BlobStore
 
@@ -44,10 +44,23 @@ class BlobResource:
 
     log = Logger()
 
-    def __init__(self, store: BlobStore, clock: IReactorTime, maxRanges: int) -> None:
+    # Below this, one write of the bytes costs less than waiting for the
+    # headers to drain before sendfile(2).
+    sendfileMinimum = 64 * 1024
+
+    def __init__(
+        self,
+        store: BlobStore,
+        clock: IReactorTime,
+        maxRanges: int,
+        useSendfile: bool = True,
+        sendTimeout: float = 60.0,
+    ) -> None:
         self.store = store
         self.clock = clock
         self.maxRanges = maxRanges
+        self.useSendfile = useSendfile
+        self.sendTimeout = sendTimeout
 
     def render(
         self, request: IRequest, algorithm: str, hexdigest: str, digest: bytes
@@ -121,7 +134,14 @@ class BlobResource:
         if request.method == b"HEAD" or length == 0:
             os.close(fd)
             return b""
-        FileProducer(request, fd, parts, self.clock).start()
+        if self.useSendfile and len(parts) == 1 and length >= self.sendfileMinimum:
+            transport = sendfileTransport(request)
+            if transport is not None:
+                SendfileProducer(
+                    request, fd, parts[0], self.clock, transport, self.sendTimeout
+                ).start()
+                return NOT_DONE_YET
+        FileProducer(request, fd, parts, self.clock, self.sendTimeout).start()
         return NOT_DONE_YET
 
 

@@ -36,6 +36,8 @@ class OptionsTests(SynchronousTestCase):
                 "listen": ["tcp:8000"],
                 "max-ranges": 16,
                 "no-access-log": 0,
+                "no-sendfile": 0,
+                "send-timeout": 60.0,
             },
         )
 
@@ -60,6 +62,8 @@ class OptionsTests(SynchronousTestCase):
                 "listen": ["tcp:8001:interface=127.0.0.1", "unix:/tmp/nydus-proxy-test.sock"],
                 "max-ranges": 4,
                 "no-access-log": 1,
+                "no-sendfile": 0,
+                "send-timeout": 60.0,
             },
         )
 
