@@ -16,6 +16,7 @@ from twisted.python import usage
 from .site import BlobSite
 from .store import BlobStore
 from .web import BlobResource, RegistryResource
+from .workers import WorkerSupervisor, tcpAddress
 
 DEFAULT_LISTEN = "tcp:8000"
 
@@ -43,6 +44,26 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options=None) -> None:
+        # Kept so that worker processes can be given the same command line.
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
+    def opt_workers(self, value: str) -> None:
+        """
+        Worker processes serving the TCP ports, or "auto": one per core
+        when every --listen is tcp: or tcp6:, else one.  [default: auto]
+        """
+        if value != "auto":
+            try:
+                value = int(value)
+            except ValueError:
+                raise usage.UsageError(f"--workers takes a number or auto, not {value!r}")
+            if value < 1:
+                raise usage.UsageError("--workers must be at least 1")
+        self["workers"] = value
 
     def opt_listen(self, description: str) -> None:
         """
@@ -66,6 +87,13 @@ class Options(usage.Options):
             raise usage.UsageError("--send-timeout must be positive")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        allTCP = all(tcpAddress(description) for description in self["listen"])
+        workers = self.get("workers", "auto")
+        if workers == "auto":
+            workers = (os.cpu_count() or 1) if allTCP else 1
+        elif workers > 1 and not allTCP:
+            raise usage.UsageError("--workers above 1 needs tcp: or tcp6: --listen endpoints")
+        self["workers"] = workers
 
 
 class StartupError(Exception):
@@ -137,9 +165,19 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
     )
 
 
-def makeService(options: Options, reactor=None) -> service.IService:
-    site = buildSite(options, reactor)
+def listeningServices(services) -> ListeningService:
     listening = ListeningService()
-    for description in options["listen"]:
-        strports.service(description, site, reactor=reactor).setServiceParent(listening)
+    for child in services:
+        child.setServiceParent(listening)
     return listening
+
+
+def makeService(options: Options, reactor=None) -> service.IService:
+    if options["workers"] > 1:
+        openBlobStore(options["blobsdir"])
+        return WorkerSupervisor(options, reactor)
+    site = buildSite(options, reactor)
+    return listeningServices(
+        strports.service(description, site, reactor=reactor)
+        for description in options["listen"]
+    )

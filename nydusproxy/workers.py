@@ -1,0 +1,284 @@
+"""
+Several worker processes serving the same TCP ports: C{--workers N}.
+
+The supervisor (the twistd process, which owns the pid file) opens one
+listening socket per worker and port with SO_REUSEPORT, so that the kernel
+spreads new connections over the workers (one socket shared by all of them
+was seen to leave one worker idle).  It opens them before twistd sheds
+privileges, keeps them for the workers it restarts, and never accepts on
+them itself.  Each worker is C{python -m nydusproxy.workers}: it adopts its
+sockets and serves them with the same site as a single process would.
+
+A worker that dies is started again; SIGTERM to the supervisor stops them
+all.  Workers send their log events to the supervisor, which writes them
+to twistd's log, and they stop when the supervisor's end of their standard
+input closes, so none outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sys
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel, formatEvent
+from twisted.python.failure import Failure
+
+RESTART_DELAY = 1.0
+STOP_TIMEOUT = 30.0
+
+_FAMILIES = {"tcp": socket.AF_INET, "tcp6": socket.AF_INET6}
+
+
+def tcpAddress(description: str) -> tuple[int, str, int, int] | None:
+    """
+    The address family, interface, port and backlog of a C{tcp:} or
+    C{tcp6:} endpoint description, or L{None} for any other kind.
+    """
+    kind, *arguments = re.split(r"(?<!\\):", description)
+    if kind not in _FAMILIES:
+        return None
+    positional, named = [], {}
+    for argument in arguments:
+        name, equals, value = argument.partition("=")
+        if equals:
+            named[name] = value.replace("\\:", ":")
+        else:
+            positional.append(argument.replace("\\:", ":"))
+    values = dict(zip(("port", "interface", "backlog"), positional)) | named
+    return (
+        _FAMILIES[kind],
+        values.get("interface", "::" if kind == "tcp6" else ""),
+        int(values["port"]),
+        int(values.get("backlog", 50)),
+    )
+
+
+def listeningSocket(family: int, interface: str, port: int, backlog: int) -> socket.socket:
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind((interface, port))
+        listener.listen(backlog)
+    except BaseException:
+        listener.close()
+        raise
+    listener.setblocking(False)
+    return listener
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self.supervisor.relay(self.index, line)
+
+    def errReceived(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            self.supervisor.log.error("worker {index}: {line}", index=self.index, line=line)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self.supervisor.workerEnded(self, reason)
+
+
+class WorkerSupervisor(service.Service):
+    """
+    Starts, restarts and stops the worker processes.
+    """
+
+    log = Logger()
+
+    def __init__(self, options, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
+        self.reactor = reactor
+        self.count = options["workers"]
+        self.arguments = [*options.arguments, "--workers", "1"]
+        self.addresses = [tcpAddress(d) for d in options["listen"]]
+        self.sockets: list[list[socket.socket]] = []
+        self.workers: dict[int, _WorkerProtocol] = {}
+        self._loggers: dict[str, Logger] = {}
+
+    def privilegedStartService(self) -> None:
+        from .tap import StartupError
+
+        super().privilegedStartService()
+        self.sockets = [[] for _ in range(self.count)]
+        for family, interface, port, backlog in self.addresses:
+            for sockets in self.sockets:
+                try:
+                    listener = listeningSocket(family, interface, port, backlog)
+                except OSError as e:
+                    self._closeSockets()
+                    reason = f"cannot listen on {interface or '*'}:{port}: {e}"
+                    self.log.critical("nydus-proxy cannot start: {reason}", reason=reason)
+                    raise StartupError(reason) from None
+                port = listener.getsockname()[1]
+                sockets.append(listener)
+            self.log.info(
+                "Listening on {interface}:{port} with {count} workers",
+                interface=interface or "*",
+                port=port,
+                count=self.count,
+            )
+
+    def startService(self) -> None:
+        if not self.sockets:
+            self.privilegedStartService()
+        super().startService()
+        for index in range(self.count):
+            self._spawn(index)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        workers = list(self.workers.values())
+        for worker in workers:
+            self._signal(worker, signal.SIGTERM)
+        ended = defer.gatherResults([w.ended for w in workers], consumeErrors=True)
+        killer = self.reactor.callLater(
+            STOP_TIMEOUT, lambda: [self._signal(w, signal.SIGKILL) for w in workers]
+        )
+
+        def stopped(result):
+            if killer.active():
+                killer.cancel()
+            self._closeSockets()
+            return None
+
+        return ended.addBoth(stopped)
+
+    def relay(self, index: int, line: bytes) -> None:
+        """
+        Write a worker's log event to this process's log.
+        """
+        try:
+            namespace, level, text = line.decode("utf-8").split("\t", 2)
+            logLevel = LogLevel.levelWithName(level)
+        except (ValueError, InvalidLogLevelError):
+            namespace, logLevel = "nydusproxy.workers", LogLevel.info
+            text = line.decode("utf-8", "replace")
+        logger = self._loggers.get(namespace)
+        if logger is None:
+            logger = self._loggers[namespace] = Logger(namespace=namespace)
+        logger.emit(logLevel, "{text}", text=text.replace("\x1f", "\n"), worker=index)
+
+    def workerEnded(self, worker: _WorkerProtocol, reason: Failure) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        if self.running:
+            self.log.error(
+                "Worker {index} ended ({reason}); starting it again in {delay} s",
+                index=worker.index,
+                reason=reason.getErrorMessage(),
+                delay=RESTART_DELAY,
+            )
+            self.reactor.callLater(RESTART_DELAY, self._restart, worker.index)
+
+    def _restart(self, index: int) -> None:
+        if self.running and index not in self.workers:
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        worker = _WorkerProtocol(self, index)
+        childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        families = []
+        for offset, listener in enumerate(self.sockets[index]):
+            childFDs[3 + offset] = listener.fileno()
+            families.append(listener.family)
+        argv = [
+            sys.executable,
+            "-m",
+            "nydusproxy.workers",
+            json.dumps({"families": families, "arguments": self.arguments}),
+        ]
+        self.reactor.spawnProcess(worker, sys.executable, argv, env=os.environ, childFDs=childFDs)
+        self.workers[index] = worker
+
+    def _signal(self, worker: _WorkerProtocol, number: int) -> None:
+        try:
+            worker.transport.signalProcess(number)
+        except Exception:
+            pass
+
+    def _closeSockets(self) -> None:
+        for sockets in self.sockets:
+            for listener in sockets:
+                listener.close()
+        self.sockets = []
+
+
+class _SupervisorLink(protocol.Protocol):
+    """
+    A worker's standard input: it closes when the supervisor goes away.
+    """
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def _lineObserver(output):
+    def observe(event: dict) -> None:
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        level = event.get("log_level", LogLevel.info)
+        namespace = event.get("log_namespace", "-")
+        line = f"{namespace}\t{level.name}\t{text.replace(chr(10), chr(31))}\n"
+        output.write(line)
+        output.flush()
+
+    return observe
+
+
+def main() -> None:
+    """
+    A worker: serve the sockets inherited from the supervisor.
+    """
+    from twisted.internet import reactor, stdio
+    from twisted.logger import globalLogBeginner
+
+    from .tap import Options, buildSite, listeningServices
+
+    config = json.loads(sys.argv[1])
+    globalLogBeginner.beginLoggingTo([_lineObserver(sys.stdout)], redirectStandardIO=False)
+    options = Options()
+    options.parseOptions(config["arguments"])
+    site = buildSite(options, reactor)
+    services = [
+        StreamServerEndpointService(
+            AdoptedStreamServerEndpoint(reactor, 3 + offset, family), site
+        )
+        for offset, family in enumerate(config["families"])
+    ]
+    top = listeningServices(services)
+    stdio.StandardIO(_SupervisorLink(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
+    top.privilegedStartService()
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
