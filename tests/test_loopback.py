@@ -19,7 +19,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import FailTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from nydusproxy.tap import Options, buildSite
@@ -83,7 +83,7 @@ async def waitUntil(
     deadline = reactor.seconds() + timeout
     while not predicate():
         if reactor.seconds() > deadline:
-            raise AssertionError(f"not true after {timeout} s: {describe()}")
+            raise FailTest(f"not true after {timeout} s: {describe()}")
         await sleep(0.01)
 
 
@@ -454,6 +454,32 @@ class LoopbackTests(TestCase):
 
         response, body = await self.get(self.url(name, "sealer"))
         self.assertEqual((response.code, body), (200, new))
+
+    async def test_truncatedDuringDownload(self) -> None:
+        """
+        A blob truncated while it is being sent ends its response early by
+        closing the connection: the client gets a prefix of the blob, short
+        of the promised Content-Length, and no hang; the file is closed.
+        """
+        name = "ef" * 32
+        data = os.urandom(32 * MiB)
+        self.addBlob(data, name)
+        client = await self.connectRaw(f"/v2/sealer/blobs/sha256:{name}")
+        await client.receivedAtLeast(256 * KiB)
+        client.transport.pauseProducing()
+        os.truncate(self.blobsdir.child(name).path, MiB)
+        client.transport.resumeProducing()
+        await client.lost
+
+        statusLine, headers, body = client.response()
+        self.assertEqual(statusLine, b"HTTP/1.1 200 OK")
+        self.assertEqual(headers[b"content-length"], b"%d" % (len(data),))
+        self.assertLess(len(body), len(data))
+        self.assertEqual(body, data[: len(body)])
+        await waitUntil(
+            lambda: self.blobFds(name) == [],
+            lambda: f"blob descriptors: {self.blobFds(name)}",
+        )
 
     async def test_addedAfterStart(self) -> None:
         """
