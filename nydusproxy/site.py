@@ -17,6 +17,11 @@ _ACCESS_FORMAT = (
 )
 
 
+# A module-level Logger keeps its namespace; one stored as a class
+# attribute takes the class's name instead.
+accessLog = Logger(namespace="nydusproxy.access")
+
+
 def _text(value: bytes) -> str:
     return value.decode("ascii", "backslashreplace")
 
@@ -43,7 +48,6 @@ class BlobSite(server.Site):
     """
 
     requestFactory = AccessLoggingRequest
-    accessLogger = Logger(namespace="nydusproxy.access")
 
     def __init__(self, resource: IResource, accessLog: bool = True, **kwargs) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
@@ -56,7 +60,7 @@ class BlobSite(server.Site):
         if not self.accessLog:
             return
         address = request.getClientAddress()
-        self.accessLogger.info(
+        accessLog.info(
             _ACCESS_FORMAT,
             client=getattr(address, "host", "-"),
             method=_text(request.method),

@@ -8,6 +8,7 @@ import os
 import sys
 
 from twisted.application import service, strports
+from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -69,12 +70,6 @@ class Options(usage.Options):
         """
         Twisted endpoint to listen on (repeatable; default tcp:8000).
         """
-        from twisted.internet import endpoints, reactor
-
-        try:
-            endpoints.serverFromString(reactor, description)
-        except Exception as e:
-            raise usage.UsageError(f"--listen {description!r}: {e}")
         self["listen"].append(description)
 
     def postOptions(self) -> None:
@@ -172,7 +167,22 @@ def listeningServices(services) -> ListeningService:
     return listening
 
 
+def checkEndpoints(descriptions: list[str], reactor) -> None:
+    """
+    Parse each endpoint description now (which also loads TLS keys and
+    certificates), so that a wrong one stops the start with one line.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    for description in descriptions:
+        try:
+            endpoints.serverFromString(reactor, description)
+        except Exception as e:
+            raise StartupError(f"--listen {description!r}: {e}") from None
+
+
 def makeService(options: Options, reactor=None) -> service.IService:
+    checkEndpoints(options["listen"], reactor)
     if options["workers"] > 1:
         openBlobStore(options["blobsdir"])
         return WorkerSupervisor(options, reactor)

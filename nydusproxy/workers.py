@@ -40,7 +40,8 @@ _FAMILIES = {"tcp": socket.AF_INET, "tcp6": socket.AF_INET6}
 def tcpAddress(description: str) -> tuple[int, str, int, int] | None:
     """
     The address family, interface, port and backlog of a C{tcp:} or
-    C{tcp6:} endpoint description, or L{None} for any other kind.
+    C{tcp6:} endpoint description, or L{None} for any other kind (or one
+    that does not parse).
     """
     kind, *arguments = re.split(r"(?<!\\):", description)
     if kind not in _FAMILIES:
@@ -53,12 +54,15 @@ def tcpAddress(description: str) -> tuple[int, str, int, int] | None:
         else:
             positional.append(argument.replace("\\:", ":"))
     values = dict(zip(("port", "interface", "backlog"), positional)) | named
-    return (
-        _FAMILIES[kind],
-        values.get("interface", "::" if kind == "tcp6" else ""),
-        int(values["port"]),
-        int(values.get("backlog", 50)),
-    )
+    try:
+        return (
+            _FAMILIES[kind],
+            values.get("interface", "::" if kind == "tcp6" else ""),
+            int(values["port"]),
+            int(values.get("backlog", 50)),
+        )
+    except (KeyError, ValueError):
+        return None
 
 
 def listeningSocket(family: int, interface: str, port: int, backlog: int) -> socket.socket:

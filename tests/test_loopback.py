@@ -458,8 +458,11 @@ class LoopbackTests(TestCase):
     async def test_truncatedDuringDownload(self) -> None:
         """
         A blob truncated while it is being sent ends its response early by
-        closing the connection: the client gets a prefix of the blob, short
-        of the promised Content-Length, and no hang; the file is closed.
+        closing the connection: the client gets less than the promised
+        Content-Length, and no hang; the file is closed.  What it read
+        before the truncation is the blob's (what sendfile had queued but
+        not yet sent may arrive as zeros: test_transfer covers each way
+        of sending).
         """
         name = "ef" * 32
         data = os.urandom(32 * MiB)
@@ -467,6 +470,7 @@ class LoopbackTests(TestCase):
         client = await self.connectRaw(f"/v2/sealer/blobs/sha256:{name}")
         await client.receivedAtLeast(256 * KiB)
         client.transport.pauseProducing()
+        readBefore = len(client.response()[2])
         os.truncate(self.blobsdir.child(name).path, MiB)
         client.transport.resumeProducing()
         await client.lost
@@ -475,7 +479,7 @@ class LoopbackTests(TestCase):
         self.assertEqual(statusLine, b"HTTP/1.1 200 OK")
         self.assertEqual(headers[b"content-length"], b"%d" % (len(data),))
         self.assertLess(len(body), len(data))
-        self.assertEqual(body, data[: len(body)])
+        self.assertEqual(body[:readBefore], data[:readBefore])
         await waitUntil(
             lambda: self.blobFds(name) == [],
             lambda: f"blob descriptors: {self.blobFds(name)}",

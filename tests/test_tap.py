@@ -38,6 +38,7 @@ class OptionsTests(SynchronousTestCase):
                 "no-access-log": 0,
                 "no-sendfile": 0,
                 "send-timeout": 60.0,
+                "workers": os.cpu_count(),
             },
         )
 
@@ -53,6 +54,8 @@ class OptionsTests(SynchronousTestCase):
                 "--listen", "unix:/tmp/nydus-proxy-test.sock",
                 "--max-ranges", "4",
                 "--no-access-log",
+                "--no-sendfile",
+                "--send-timeout", "5",
             ]
         )
         self.assertEqual(
@@ -62,8 +65,9 @@ class OptionsTests(SynchronousTestCase):
                 "listen": ["tcp:8001:interface=127.0.0.1", "unix:/tmp/nydus-proxy-test.sock"],
                 "max-ranges": 4,
                 "no-access-log": 1,
-                "no-sendfile": 0,
-                "send-timeout": 60.0,
+                "no-sendfile": 1,
+                "send-timeout": 5.0,
+                "workers": 1,
             },
         )
 
@@ -74,17 +78,24 @@ class OptionsTests(SynchronousTestCase):
         error = self.assertRaises(UsageError, tap.Options().parseOptions, [])
         self.assertIn("--blobsdir", str(error))
 
-    def test_badListen(self):
+    def test_workers(self):
         """
-        An endpoint string that does not parse is a usage error naming it.
+        --workers takes a number; "auto" (the default) is one per core when
+        every endpoint is TCP, and one otherwise.
         """
-        for description in ("bogus:1", "tcp:notaport"):
-            error = self.assertRaises(
-                UsageError,
-                tap.Options().parseOptions,
-                ["--blobsdir", self.blobsdir, "--listen", description],
-            )
-            self.assertIn(description, str(error))
+        def parse(*extra):
+            options = tap.Options()
+            options.parseOptions(["--blobsdir", self.blobsdir, *extra])
+            return options["workers"]
+
+        self.assertEqual(parse(), os.cpu_count())
+        self.assertEqual(parse("--workers", "3"), 3)
+        self.assertEqual(parse("--workers", "auto", "--listen", "tcp6:8000"), os.cpu_count())
+        self.assertEqual(parse("--listen", "tcp:8000", "--listen", "unix:/tmp/x.sock"), 1)
+        self.assertEqual(parse("--listen", "unix:/tmp/x.sock", "--workers", "1"), 1)
+        for bad in (["--workers", "0"], ["--workers", "many"],
+                    ["--workers", "2", "--listen", "unix:/tmp/x.sock"]):
+            self.assertRaises(UsageError, parse, *bad)
 
     def test_badMaxRanges(self):
         """
@@ -108,13 +119,24 @@ class MakeServiceTests(SynchronousTestCase):
         options.parseOptions(["--blobsdir", self.blobsdir, *extra])
         return options
 
+    def test_badListen(self):
+        """
+        An endpoint string that does not parse stops the start with one
+        line naming it.
+        """
+        for description in ("bogus:1", "tcp:notaport", "ssl:8443:privateKey=/nonexistent"):
+            options = self.options("--listen", description)
+            error = self.assertRaises(tap.StartupError, tap.makeService, options, MemoryReactor())
+            self.assertIn(repr(description), str(error))
+
     def test_listens(self):
         """
         One listening service per --listen, all serving the same site.
         """
         reactor = MemoryReactor()
         service = tap.makeService(
-            self.options("--listen", "tcp:8001", "--listen", "tcp:8002:interface=127.0.0.2"),
+            self.options("--workers", "1",
+                         "--listen", "tcp:8001", "--listen", "tcp:8002:interface=127.0.0.2"),
             reactor=reactor,
         )
         IService(service).privilegedStartService()
@@ -169,7 +191,9 @@ class MakeServiceTests(SynchronousTestCase):
             def listenTCP(self, port, factory, backlog=50, interface=""):
                 raise CannotListenError(interface, port, OSError(98, "Address already in use"))
 
-        service = tap.makeService(self.options("--listen", "tcp:8001"), reactor=BusyReactor())
+        service = tap.makeService(
+            self.options("--workers", "1", "--listen", "tcp:8001"), reactor=BusyReactor()
+        )
         error = self.assertRaises(tap.StartupError, IService(service).privilegedStartService)
         self.assertEqual(str(error), "cannot listen on *:8001: [Errno 98] Address already in use")
 

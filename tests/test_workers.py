@@ -1,0 +1,129 @@
+"""
+--workers: the supervisor and its worker processes, run for real.
+"""
+
+import http.client
+import os
+import re
+import signal
+import socket
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from nydusproxy.workers import tcpAddress
+
+from .test_e2e import E2EMixin, readText, registryPath, waitFor
+
+LISTENING = re.compile(r"Listening on 127\.0\.0\.1:(\d+) with (\d+) workers")
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def socketCount(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+class TCPAddressTests(SynchronousTestCase):
+    def test_forms(self):
+        """
+        tcp: and tcp6: descriptions give family, interface, port and
+        backlog, positional or named, with escaped colons; others none.
+        """
+        self.assertEqual(tcpAddress("tcp:8000"), (socket.AF_INET, "", 8000, 50))
+        self.assertEqual(tcpAddress("tcp:port=0:interface=127.0.0.1:backlog=9"),
+                         (socket.AF_INET, "127.0.0.1", 0, 9))
+        self.assertEqual(tcpAddress("tcp:8000:127.0.0.2"), (socket.AF_INET, "127.0.0.2", 8000, 50))
+        self.assertEqual(tcpAddress(r"tcp6:8000:interface=\:\:1"), (socket.AF_INET6, "::1", 8000, 50))
+        self.assertEqual(tcpAddress("tcp6:8000"), (socket.AF_INET6, "::", 8000, 50))
+        for other in ("unix:/x.sock", "ssl:8443", "tcp:notaport", "tcp", "systemd:domain=INET:index=0"):
+            self.assertIsNone(tcpAddress(other), other)
+
+
+class SupervisorTests(E2EMixin, SynchronousTestCase):
+    def start(self):
+        server = self.startServer("--workers", "2")
+        found = waitFor(lambda: LISTENING.search(readText(server.logPath)), server.output, 30)
+        self.assertEqual(found.group(2), "2")
+        server.port()  # a worker has started listening
+        pid = server.process.pid
+        waitFor(lambda: len(children(pid)) == 2 or None, server.output, 30)
+        return server, int(found.group(1)), pid
+
+    def head(self, port):
+        name = sorted(self.blobs)[0]
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("HEAD", registryPath("sealer", name))
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        self.assertEqual(response.getheader("Content-Length"), str(len(self.blobs[name])))
+        return response.status
+
+    def test_spreadsConnections(self):
+        """
+        Connections reach both workers, each on its own socket.
+        """
+        server, port, pid = self.start()
+        workers = children(pid)
+        before = {worker: socketCount(worker) for worker in workers}
+        connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+        self.addCleanup(lambda: [c.close() for c in connections])
+        for connection in connections:
+            connection.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertIn(b"200 OK", connection.recv(4096))
+        gained = {worker: socketCount(worker) - before[worker] for worker in workers}
+        self.assertEqual(sum(gained.values()), 32, gained)
+        self.assertTrue(all(gained.values()), gained)
+
+    def test_restartsDeadWorker(self):
+        """
+        A worker that dies is started again, and the port keeps answering.
+        """
+        server, port, pid = self.start()
+        first, second = children(pid)
+        os.kill(first, signal.SIGKILL)
+        waitFor(
+            lambda: (len(children(pid)) == 2 and first not in children(pid)) or None,
+            server.output,
+            30,
+        )
+        self.assertIn(second, children(pid))
+        self.assertIn("starting it again", readText(server.logPath))
+        for _ in range(10):
+            self.assertEqual(self.head(port), 200)
+
+    def test_sigtermStopsAll(self):
+        """
+        SIGTERM to the supervisor stops every worker, then the supervisor.
+        """
+        server, port, pid = self.start()
+        workers = children(pid)
+        self.assertEqual(self.head(port), 200)
+        server.stopCleanly(self)
+        for worker in workers:
+            self.assertFalse(os.path.exists(f"/proc/{worker}"), f"worker {worker} left running")
+
+    def test_supervisorKilled(self):
+        """
+        Workers do not outlive a supervisor killed without warning.
+        """
+        server, port, pid = self.start()
+        workers = children(pid)
+        os.kill(pid, signal.SIGKILL)
+        server.process.wait(10)
+        waitFor(
+            lambda: not any(os.path.exists(f"/proc/{w}") and
+                            "zombie" not in open(f"/proc/{w}/status").read() for w in workers) or None,
+            lambda: f"workers left: {workers}",
+            30,
+        )
