@@ -215,8 +215,7 @@ class TransferTestsMixin:
         client.transport.pauseProducing()
         await deferLater(reactor, 1.5, lambda: None)
         [server] = self.serverProtocols
-        # Site wraps its HTTPChannel in a protocol that picks HTTP/1 or 2.
-        self.assertTrue(server._channel.transport.disconnected)
+        self.assertTrue(server.transport.disconnected)
         client.transport.resumeProducing()
         await timeout(client.closed, 10)
         self.assertLess(sum(map(len, client.received)), len(BLOB))
