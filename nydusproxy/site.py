@@ -21,6 +21,30 @@ def _text(value: bytes) -> str:
     return value.decode("ascii", "backslashreplace")
 
 
+# The first byte of a TLS handshake record, which no HTTP request starts with.
+_TLS_HANDSHAKE = b"\x16"
+
+
+def _answerTLSAtOnce(protocol) -> None:
+    """
+    Make a connection that opens with a TLS handshake get a 400 and be
+    closed at once.  Registry clients told not to verify TLS (skopeo and
+    podman with C{--tls-verify=false}) try https first and fall back to
+    plain http only when that fails; without this they wait out their TLS
+    handshake timeout (10 seconds) on every run, since the handshake holds
+    no line end for the HTTP parser to act on.
+    """
+    receive = protocol.dataReceived
+
+    def firstData(data: bytes) -> None:
+        del protocol.dataReceived
+        if data[:1] == _TLS_HANDSHAKE:
+            data = _TLS_HANDSHAKE + b"\r\n"
+        receive(data)
+
+    protocol.dataReceived = firstData
+
+
 class AccessLoggingRequest(server.Request):
     startedAt: float | None = None
 
@@ -48,6 +72,12 @@ class BlobSite(server.Site):
     def __init__(self, resource: IResource, accessLog: bool = True, **kwargs) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.accessLog = accessLog
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            _answerTLSAtOnce(protocol)
+        return protocol
 
     def log(self, request) -> None:  # type: ignore[override]
         self.logAccess(request, aborted=False)

@@ -33,6 +33,7 @@ class OptionsTests(SynchronousTestCase):
             dict(options),
             {
                 "blobsdir": os.path.abspath(relative),
+                "images": None,
                 "listen": ["tcp:8000"],
                 "max-ranges": 16,
                 "no-access-log": 0,
@@ -57,6 +58,7 @@ class OptionsTests(SynchronousTestCase):
             dict(options),
             {
                 "blobsdir": self.blobsdir,
+                "images": None,
                 "listen": ["tcp:8001:interface=127.0.0.1", "unix:/tmp/nydus-proxy-test.sock"],
                 "max-ranges": 4,
                 "no-access-log": 1,
@@ -65,10 +67,38 @@ class OptionsTests(SynchronousTestCase):
 
     def test_blobsdirRequired(self):
         """
-        Without --blobsdir the command line is wrong.
+        Without --blobsdir or --images the command line is wrong.
         """
         error = self.assertRaises(UsageError, tap.Options().parseOptions, [])
-        self.assertIn("--blobsdir", str(error))
+        self.assertEqual(str(error), "--blobsdir DIR or --images ROOT is required")
+
+    def test_imagesAlone(self):
+        """
+        --images ROOT (or -i) is enough without --blobsdir, and is made
+        absolute.
+        """
+        relative = os.path.relpath(self.blobsdir)
+        for flag in ("--images", "-i"):
+            options = tap.Options()
+            options.parseOptions([flag, relative])
+            self.assertEqual(
+                dict(options),
+                {
+                    "blobsdir": None,
+                    "images": os.path.abspath(relative),
+                    "listen": ["tcp:8000"],
+                    "max-ranges": 16,
+                    "no-access-log": 0,
+                },
+            )
+
+    def test_imagesBesideBlobsdir(self):
+        """
+        --images and --blobsdir can be given together.
+        """
+        options = tap.Options()
+        options.parseOptions(["--images", self.blobsdir, "-b", self.blobsdir])
+        self.assertEqual((options["images"], options["blobsdir"]), (self.blobsdir, self.blobsdir))
 
     def test_badListen(self):
         """
@@ -143,6 +173,21 @@ class MakeServiceTests(SynchronousTestCase):
             options["blobsdir"] = path
             error = self.assertRaises(tap.StartupError, tap.makeService, options, MemoryReactor())
             self.assertEqual(str(error), f"blob directory {path} {problem}")
+
+    def test_imagesProblems(self):
+        """
+        A missing or non-directory image root stops the start with one line
+        naming it.
+        """
+        missing = os.path.join(self.blobsdir, "missing")
+        notDir = os.path.join(self.blobsdir, "file")
+        with open(notDir, "w"):
+            pass
+        for path, problem in ((missing, "does not exist"), (notDir, "is not a directory")):
+            options = tap.Options()
+            options.parseOptions(["--images", path])
+            error = self.assertRaises(tap.StartupError, tap.makeService, options, MemoryReactor())
+            self.assertEqual(str(error), f"image directory {path} {problem}")
 
     def test_unreadableBlobsdir(self):
         """
