@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from . import errors
-from .images import DIGEST, OCI_INDEX, TAG, ImageRoot, Layout, isValidName
+from .images import DIGEST, NAME_COMPONENT, OCI_INDEX, TAG, ImageRoot, Layout, isValidName
 from .store import BlobStore
 
 _JSON = b"application/json"
@@ -25,10 +25,17 @@ _MAX_PAGE_DIGITS = 9
 
 
 def _name(segments: list[bytes]) -> str | None:
+    """
+    The name that the (percent-decoded) path segments spell, or L{None}
+    if one of them is not a component of the grammar.
+    """
     try:
-        name = b"/".join(segments).decode("ascii")
+        components = [segment.decode("ascii") for segment in segments]
     except UnicodeDecodeError:
         return None
+    if not all(NAME_COMPONENT.match(component) for component in components):
+        return None
+    name = "/".join(components)
     return name if isValidName(name) else None
 
 
