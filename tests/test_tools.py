@@ -148,7 +148,6 @@ class SkopeoWriterLayoutTests(ServedLayoutsTestCase):
 
     def setUp(self):
         super().setUp()
-        requireTool(SKOPEO, "skopeo")
         if not (FIXTURES / "blobs").is_dir():
             raise SkipTest(f"the nydus fixtures are not at {FIXTURES}")
         self.demo = os.path.join(self.root, "library", "demo")
