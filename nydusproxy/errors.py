@@ -28,6 +28,9 @@ DIGEST_INVALID = ErrorCode("DIGEST_INVALID", "invalid or unsupported digest", 40
 NAME_INVALID = ErrorCode("NAME_INVALID", "invalid repository name", 400)
 NAME_UNKNOWN = ErrorCode("NAME_UNKNOWN", "repository name not known to registry", 404)
 MANIFEST_UNKNOWN = ErrorCode("MANIFEST_UNKNOWN", "manifest unknown", 404)
+PAGINATION_NUMBER_INVALID = ErrorCode(
+    "PAGINATION_NUMBER_INVALID", "invalid number of results requested", 400
+)
 RANGE_INVALID = ErrorCode("RANGE_INVALID", "requested range not satisfiable", 416)
 UNSUPPORTED = ErrorCode("UNSUPPORTED", "the operation is unsupported", 405)
 UNAUTHORIZED = ErrorCode("UNAUTHORIZED", "authentication required", 401)

@@ -26,6 +26,10 @@ def _text(value: bytes) -> str:
     return value.decode("ascii", "backslashreplace")
 
 
+# The first byte of a TLS handshake record, which no HTTP request starts with.
+_TLS_HANDSHAKE = b"\x16"
+
+
 class AccessLoggingRequest(server.Request):
     startedAt: float | None = None
 
@@ -49,6 +53,19 @@ class BlobChannel(http.HTTPChannel):
     """
 
     _host = None
+    _started = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._started:
+            self._started = True
+            if data[:1] == _TLS_HANDSHAKE:
+                # Registry clients told not to verify TLS (skopeo, podman
+                # with --tls-verify=false) try https first and fall back to
+                # http only when that fails.  A handshake holds no line end
+                # for the HTTP parser, so without this they would wait out
+                # their handshake timeout: answer 400 and close at once.
+                data = _TLS_HANDSHAKE + b"\r\n"
+        super().dataReceived(data)
 
     def getHost(self):
         if self._host is None:

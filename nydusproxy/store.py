@@ -31,9 +31,13 @@ class BlobStore:
     resolves inside the directory.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, boundary: str | None = None) -> None:
+        """
+        @param boundary: the directory that a link must resolve inside to
+            be followed; C{path} itself by default.
+        """
         self.path = os.path.abspath(path)
-        self._realPath = os.path.realpath(self.path)
+        self._realPath = os.path.realpath(self.path if boundary is None else boundary)
 
     def open(self, algorithm: str, hexdigest: str) -> tuple[int, os.stat_result] | None:
         """

@@ -14,6 +14,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
+from .images import ImageRoot
+from .registry import ImageRegistry
 from .site import BlobSite
 from .store import BlobStore
 from .web import BlobResource, RegistryResource
@@ -23,14 +25,18 @@ DEFAULT_LISTEN = "tcp:8000"
 
 
 class Options(usage.Options):
-    synopsis = "--blobsdir DIR [--listen ENDPOINT ...] [options]"
+    synopsis = "--blobsdir DIR | --images ROOT [--listen ENDPOINT ...] [options]"
     longdesc = (
         "Serve the blob files in DIR to nydusd: HEAD and ranged GET on "
         "/v2/<name>/blobs/sha256:<hex> (and /<name>/blobs/<hex>), as a "
-        "read-only OCI registry would."
+        "read-only OCI registry would.  With --images, also serve every OCI "
+        "image layout under ROOT as the repository named by its path: "
+        "manifests, tags, referrers, catalog and blobs."
     )
     optParameters = [
         ["blobsdir", "b", None, "Directory of blob files, named by their 64-hex id."],
+        ["images", "i", None, "Directory of OCI image layouts, each served read-only "
+         "as the repository named by its path below ROOT."],
         ["max-ranges", None, 16, "Most ranges served from one request; a "
          "Range header with more is ignored (whole blob).", int],
         ["send-timeout", None, 60.0, "Seconds a client may read nothing of a "
@@ -73,9 +79,11 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def postOptions(self) -> None:
-        if not self["blobsdir"]:
-            raise usage.UsageError("--blobsdir DIR is required")
-        self["blobsdir"] = os.path.abspath(self["blobsdir"])
+        if not self["blobsdir"] and not self["images"]:
+            raise usage.UsageError("--blobsdir DIR or --images ROOT is required")
+        for key in ("blobsdir", "images"):
+            if self[key]:
+                self[key] = os.path.abspath(self[key])
         if self["max-ranges"] < 1:
             raise usage.UsageError("--max-ranges must be at least 1")
         if self["send-timeout"] <= 0:
@@ -114,14 +122,23 @@ class StartupError(Exception):
         sys.excepthook = reportWithoutTraceback
 
 
-def openBlobStore(path: str) -> BlobStore:
+def checkDirectory(path: str, what: str = "blob directory") -> None:
     if not os.path.exists(path):
-        raise StartupError(f"blob directory {path} does not exist")
+        raise StartupError(f"{what} {path} does not exist")
     if not os.path.isdir(path):
-        raise StartupError(f"blob directory {path} is not a directory")
+        raise StartupError(f"{what} {path} is not a directory")
     if not os.access(path, os.R_OK | os.X_OK):
-        raise StartupError(f"blob directory {path} cannot be read")
+        raise StartupError(f"{what} {path} cannot be read")
+
+
+def openBlobStore(path: str) -> BlobStore:
+    checkDirectory(path)
     return BlobStore(path)
+
+
+def openImages(path: str) -> ImageRegistry:
+    checkDirectory(path, "image directory")
+    return ImageRegistry(ImageRoot(path))
 
 
 class ListeningService(service.MultiService):
@@ -147,7 +164,8 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
-    store = openBlobStore(options["blobsdir"])
+    store = openBlobStore(options["blobsdir"]) if options["blobsdir"] else None
+    images = openImages(options["images"]) if options["images"] else None
     blobs = BlobResource(
         store,
         reactor,
@@ -156,7 +174,9 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
         sendTimeout=options["send-timeout"],
     )
     return BlobSite(
-        RegistryResource(blobs), accessLog=not options["no-access-log"], reactor=reactor
+        RegistryResource(blobs, images),
+        accessLog=not options["no-access-log"],
+        reactor=reactor,
     )
 
 
@@ -183,10 +203,10 @@ def checkEndpoints(descriptions: list[str], reactor) -> None:
 
 def makeService(options: Options, reactor=None) -> service.IService:
     checkEndpoints(options["listen"], reactor)
-    if options["workers"] > 1:
-        openBlobStore(options["blobsdir"])
-        return WorkerSupervisor(options, reactor)
+    # Built here in every case, so that a bad directory stops the start.
     site = buildSite(options, reactor)
+    if options["workers"] > 1:
+        return WorkerSupervisor(options, reactor)
     return listeningServices(
         strports.service(description, site, reactor=reactor)
         for description in options["listen"]

@@ -50,7 +50,7 @@ class BlobResource:
 
     def __init__(
         self,
-        store: BlobStore,
+        store: BlobStore | None,
         clock: IReactorTime,
         maxRanges: int,
         useSendfile: bool = True,
@@ -63,10 +63,15 @@ class BlobResource:
         self.sendTimeout = sendTimeout
 
     def render(
-        self, request: IRequest, algorithm: str, hexdigest: str, digest: bytes
+        self, request: IRequest, algorithm: str, hexdigest: str, digest: bytes, store=None
     ) -> bytes | int:
+        """
+        Answer for the blob from C{store}, or from the blob directory.
+        """
+        if store is None:
+            store = self.store
         try:
-            found = self.store.open(algorithm, hexdigest)
+            found = store.open(algorithm, hexdigest)
         except PermissionError:
             self.log.warn("Blob {digest} cannot be read: permission denied",
                           digest=digest.decode("ascii"))
@@ -181,9 +186,14 @@ class RegistryResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, blobs: BlobResource) -> None:
+    def __init__(self, blobs: BlobResource, images=None) -> None:
+        """
+        @param images: the routes of C{--images}
+            (L{nydusproxy.registry.ImageRegistry}), if given.
+        """
         super().__init__()
         self.blobs = blobs
+        self.images = images
 
     def render(self, request: IRequest) -> bytes | int:
         request.setHeader(errors.API_VERSION_HEADER, errors.API_VERSION)
@@ -217,6 +227,10 @@ class RegistryResource(Resource):
             return self._blob(request, path[:-2], path[-1])
         if underV2 and not readMethod:
             return errors.writeError(request, errors.UNSUPPORTED)
+        if underV2 and self.images is not None:
+            answer = self.images.render(request, path)
+            if answer is not None:
+                return answer
         if underV2 and len(path) >= 3 and path[-2] == b"manifests":
             return errors.writeError(request, errors.MANIFEST_UNKNOWN)
         return errors.writeError(request, errors.NAME_UNKNOWN)
@@ -235,6 +249,14 @@ class RegistryResource(Resource):
             digest = b"sha256:" + reference
         else:
             return errors.writeError(request, errors.DIGEST_INVALID)
+        store = self.blobs.store
+        if self.images is not None:
+            # The layout of that name first, then the blob directory.
+            store = self.images.blobStore(name, store)
+            if store is None:
+                return errors.writeError(
+                    request, errors.NAME_UNKNOWN, {"name": b"/".join(name).decode("ascii")}
+                )
         return self.blobs.render(
-            request, algorithm.decode("ascii"), hexdigest.decode("ascii"), digest
+            request, algorithm.decode("ascii"), hexdigest.decode("ascii"), digest, store
         )

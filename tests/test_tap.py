@@ -17,6 +17,28 @@ from nydusproxy.site import BlobSite
 from .support import makeBlobDir
 
 
+def defaults(**changes):
+    """
+    The whole parsed options of a plain command line, with C{changes}
+    (underscores for dashes).
+    """
+    values = {
+        "blobsdir": None,
+        "images": None,
+        "listen": ["tcp:8000"],
+        "max-ranges": 16,
+        "no-access-log": 0,
+        "no-sendfile": 0,
+        "send-timeout": 60.0,
+        "workers": os.cpu_count(),
+    }
+    for name, value in changes.items():
+        key = name.replace("_", "-")
+        assert key in values, key
+        values[key] = value
+    return values
+
+
 class OptionsTests(SynchronousTestCase):
     def setUp(self):
         self.blobsdir = makeBlobDir(self)
@@ -29,18 +51,7 @@ class OptionsTests(SynchronousTestCase):
         options = tap.Options()
         relative = os.path.relpath(self.blobsdir)
         options.parseOptions(["--blobsdir", relative])
-        self.assertEqual(
-            dict(options),
-            {
-                "blobsdir": os.path.abspath(relative),
-                "listen": ["tcp:8000"],
-                "max-ranges": 16,
-                "no-access-log": 0,
-                "no-sendfile": 0,
-                "send-timeout": 60.0,
-                "workers": os.cpu_count(),
-            },
-        )
+        self.assertEqual(dict(options), defaults(blobsdir=os.path.abspath(relative)))
 
     def test_everything(self):
         """
@@ -60,23 +71,45 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(
             dict(options),
-            {
-                "blobsdir": self.blobsdir,
-                "listen": ["tcp:8001:interface=127.0.0.1", "unix:/tmp/nydus-proxy-test.sock"],
-                "max-ranges": 4,
-                "no-access-log": 1,
-                "no-sendfile": 1,
-                "send-timeout": 5.0,
-                "workers": 1,
-            },
+            defaults(
+                blobsdir=self.blobsdir,
+                listen=["tcp:8001:interface=127.0.0.1", "unix:/tmp/nydus-proxy-test.sock"],
+                max_ranges=4,
+                no_access_log=1,
+                no_sendfile=1,
+                send_timeout=5.0,
+                workers=1,
+            ),
         )
 
     def test_blobsdirRequired(self):
         """
-        Without --blobsdir the command line is wrong.
+        Without --blobsdir or --images the command line is wrong.
         """
         error = self.assertRaises(UsageError, tap.Options().parseOptions, [])
-        self.assertIn("--blobsdir", str(error))
+        self.assertEqual(str(error), "--blobsdir DIR or --images ROOT is required")
+
+    def test_imagesAlone(self):
+        """
+        --images ROOT (or -i) is enough without --blobsdir, and is made
+        absolute.
+        """
+        relative = os.path.relpath(self.blobsdir)
+        for flag in ("--images", "-i"):
+            options = tap.Options()
+            options.parseOptions([flag, relative])
+            self.assertEqual(
+                dict(options),
+                defaults(blobsdir=None, images=os.path.abspath(relative)),
+            )
+
+    def test_imagesBesideBlobsdir(self):
+        """
+        --images and --blobsdir can be given together.
+        """
+        options = tap.Options()
+        options.parseOptions(["--images", self.blobsdir, "-b", self.blobsdir])
+        self.assertEqual((options["images"], options["blobsdir"]), (self.blobsdir, self.blobsdir))
 
     def test_workers(self):
         """
@@ -169,6 +202,21 @@ class MakeServiceTests(SynchronousTestCase):
             options["blobsdir"] = path
             error = self.assertRaises(tap.StartupError, tap.makeService, options, MemoryReactor())
             self.assertEqual(str(error), f"blob directory {path} {problem}")
+
+    def test_imagesProblems(self):
+        """
+        A missing or non-directory image root stops the start with one line
+        naming it.
+        """
+        missing = os.path.join(self.blobsdir, "missing")
+        notDir = os.path.join(self.blobsdir, "file")
+        with open(notDir, "w"):
+            pass
+        for path, problem in ((missing, "does not exist"), (notDir, "is not a directory")):
+            options = tap.Options()
+            options.parseOptions(["--images", path])
+            error = self.assertRaises(tap.StartupError, tap.makeService, options, MemoryReactor())
+            self.assertEqual(str(error), f"image directory {path} {problem}")
 
     def test_unreadableBlobsdir(self):
         """
