@@ -10,14 +10,17 @@ C{python3 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install .}:
         [--nydus-proxy-args ARGS] [--python PYTHON] [--duration S] [--runs N]
 
 It lays random blobs (4 KiB, 1 MiB, 64 MiB, 1 GiB; --quick skips 1 GiB) in
-a temporary directory, then for each server in turn: starts it on a free
-127.0.0.1 port, checks its answers with curl, measures it with wrk and curl,
-and stops it.  Servers: nydus-proxy, nginx (2 workers, sendfile), plain
-C{twistd web --path}, docker-registry; a peer that is not installed is
-skipped with a printed line.  Each load runs --runs times (default 3) for
---duration seconds (default 3) and the median is reported.  The table,
-with each figure's ratio to nginx's, is printed and written with the raw
-numbers to bench/results/<timestamp>.txt and .json.
+a temporary directory, starts each server on a free 127.0.0.1 port and
+checks its answers with curl, then measures them with wrk and curl, one
+run of each load on each server in turn, so that noise from the rest of
+the machine falls on all alike.  Servers: nydus-proxy, nginx (2 workers,
+sendfile), plain C{twistd web --path}, docker-registry; a peer that is not
+installed is skipped with a printed line.  Each load runs --runs times
+(default 3) for about --duration seconds (default 3; 1 with --quick) and
+the median is reported.  The table, with each figure's ratio to nginx's,
+is printed and written with the raw numbers to
+bench/results/<timestamp>.txt and .json.  Every server is stopped at the
+end, also on Ctrl-C or SIGTERM, and the temporary directory removed.
 
 --nydus-proxy-args replaces the default "--no-access-log" (nginx runs with
 access_log off), e.g. --nydus-proxy-args "--no-access-log --workers 2".
@@ -471,49 +474,54 @@ METRICS = [
 ]
 
 
-def measure(server: Server, blobs: dict[int, Blob], opts, workdir: Path) -> dict:
+def measureAll(servers: list[Server], blobs: dict[int, Blob], opts, workdir: Path) -> dict:
     """
-    Every load, C{opts.runs} times each: the raw results per load and the
-    median of each metric.
+    Every load, C{opts.runs} times, each run going round all the servers so
+    that whatever else the machine does falls on all of them alike: the
+    raw results of each server and its figures (medians).
     """
     rangeBlob = blobs[64 * MIB]
-    scripts = {}
-    for name, body in [
-        ("r4k", RANGE_BODY % {"size": rangeBlob.size, "len": 4 * KIB} + RANGE_CHECK),
-        ("r1m", RANGE_BODY % {"size": rangeBlob.size, "len": MIB}),
-    ]:
-        scripts[name] = workdir / f"{name}.lua"
-        scripts[name].write_text(WRK_SCRIPT % {"seed": os.getpid(), "body": body})
-
-    raw: dict[str, list[dict]] = {}
-    # Enough HEAD requests for about --duration seconds each, from a probe.
-    config = workdir / "heads.curl"
-    probe = heads(server, blobs[MIB], 16, 2000, config)
-    count = max(2000, int(probe["requests"] / probe["seconds"] * opts.duration))
-    raw["head"] = [heads(server, blobs[MIB], 16, count, config) for _ in range(opts.runs)]
-    progress(server.name, "head", raw["head"])
+    r4k = workdir / "r4k.lua"
+    r4k.write_text(WRK_SCRIPT % {"seed": os.getpid(), "body": RANGE_BODY % {
+        "size": rangeBlob.size, "len": 4 * KIB} + RANGE_CHECK})
+    r1m = workdir / "r1m.lua"
+    r1m.write_text(WRK_SCRIPT % {"seed": os.getpid(), "body": RANGE_BODY % {
+        "size": rangeBlob.size, "len": MIB}})
+    # Enough HEAD requests for about --duration seconds, from a probe.
+    headCount = {}
+    for server in servers:
+        probe = heads(server, blobs[MIB], 16, 2000, workdir / "heads.curl")
+        rate = probe["requests"] / probe["seconds"]
+        headCount[server.name] = max(2000, int(rate * opts.duration))
 
     loads = [
-        ("r4k16", "r4k", rangeBlob, 16),
-        ("r4k64", "r4k", rangeBlob, 64),
-        ("r1m16", "r1m", rangeBlob, 16),
+        ("head", lambda s: heads(s, blobs[MIB], 16, headCount[s.name],
+                                 workdir / "heads.curl")),
+        ("r4k16", lambda s: wrk(s, r4k, s.url(rangeBlob), 16, opts.duration)),
+        ("r4k64", lambda s: wrk(s, r4k, s.url(rangeBlob), 64, opts.duration)),
+        ("r1m16", lambda s: wrk(s, r1m, s.url(rangeBlob), 16, opts.duration)),
     ]
-    for key, script, blob, connections in loads:
-        raw[key] = []
-        for _ in range(opts.runs):
-            raw[key].append(wrk(server, scripts[script], server.url(blob),
-                                connections, opts.duration))
-        progress(server.name, key, raw[key])
-    downloads = [("get4x64m", blobs[64 * MIB], 4)]
     if GIB in blobs:
-        downloads.insert(0, ("get1g", blobs[GIB], 1))
-    for key, blob, count in downloads:
-        raw[key] = [download(server, blob, count) for _ in range(opts.runs)]
-        progress(server.name, key, raw[key])
+        loads.append(("get1g", lambda s: download(s, blobs[GIB], 1)))
+    loads.append(("get4x64m", lambda s: download(s, blobs[64 * MIB], 4)))
+    raw: dict[str, dict[str, list[dict]]] = {server.name: {} for server in servers}
+    for key, load in loads:
+        for _ in range(opts.runs):
+            for server in servers:
+                raw[server.name].setdefault(key, []).append(load(server))
+        for server in servers:
+            progress(server.name, key, raw[server.name][key])
+    return {
+        server.name: {"figures": figures(raw[server.name], server.peakRss()),
+                      "raw": raw[server.name]}
+        for server in servers
+    }
 
+
+def figures(raw: dict[str, list[dict]], peakRss: int) -> dict[str, float]:
     med = lambda key, f: statistics.median(f(r) for r in raw[key])
     rps = lambda r: r["requests"] / r["seconds"]
-    figures = {
+    found = {
         "head_rps": med("head", rps),
         "r4k16_rps": med("r4k16", rps),
         "r4k16_p50_ms": med("r4k16", lambda r: r["p50_us"] / 1000),
@@ -521,21 +529,21 @@ def measure(server: Server, blobs: dict[int, Blob], opts, workdir: Path) -> dict
         "r4k64_rps": med("r4k64", rps),
         "r4k64_p50_ms": med("r4k64", lambda r: r["p50_us"] / 1000),
         "r4k64_p99_ms": med("r4k64", lambda r: r["p99_us"] / 1000),
-        "r1m16_mib_s": med("r1m16", lambda r: r["requests"] / r["seconds"]),
+        "r1m16_mib_s": med("r1m16", rps),  # 1 MiB each
         "cpu_us_per_req": med("r4k16", lambda r: r["server_cpu_s"] / r["requests"] * 1e6),
         "get4x64m_mib_s": med("get4x64m", lambda r: r["mib_s"]),
         "get4x64m_cpu_s_gib": med("get4x64m", lambda r: r["cpu_s_per_gib"]),
-        "peak_rss_mib": server.peakRss() / MIB,
+        "peak_rss_mib": peakRss / MIB,
     }
     if "get1g" in raw:
-        figures["get1g_mib_s"] = med("get1g", lambda r: r["mib_s"])
-        figures["get1g_cpu_s_gib"] = med("get1g", lambda r: r["cpu_s_per_gib"])
+        found["get1g_mib_s"] = med("get1g", lambda r: r["mib_s"])
+        found["get1g_cpu_s_gib"] = med("get1g", lambda r: r["cpu_s_per_gib"])
     # 1 MiB ranges are not status-checked by wrk: a short body shows here.
     short = sum(r["requests"] for r in raw["r1m16"] if r["bytes"] < r["requests"] * MIB)
-    figures["wrong"] = short + sum(
+    found["wrong"] = short + sum(
         r.get("wrong", 0) + r.get("socket_errors", 0) + r.get("timeouts", 0)
         + r.get("status_4xx_5xx", 0) for runs in raw.values() for r in runs)
-    return {"figures": figures, "raw": raw}
+    return found
 
 
 def progress(name: str, key: str, runs: list[dict]) -> None:
@@ -657,7 +665,7 @@ def main(argv: list[str]) -> int:
         print(f"{key}: {value}")
     root = Path(tempfile.mkdtemp(prefix="nydus-bench-"))
     root.chmod(0o755)  # nginx workers run as another user when we are root
-    results: dict[str, dict] = {}
+    servers: list[Server] = []
     skipped: dict[str, str] = {}
     try:
         sizes = [4 * KIB, MIB, 64 * MIB] + ([] if opts.quick else [GIB])
@@ -670,20 +678,23 @@ def main(argv: list[str]) -> int:
                 skipped[name] = server
                 continue
             print(f"{name}: {shlex.join(server.argv)}", flush=True)
+            servers.append(server)
             try:
                 server.start()
                 verify(server, blobs)
-                results[name] = measure(server, blobs, opts, root)
             except (RuntimeError, subprocess.CalledProcessError) as e:
                 detail = getattr(e, "stderr", None) or ""
                 print(f"skipping {name}: {e} {detail}".strip())
                 skipped[name] = str(e)
-            finally:
                 server.stop()
+                servers.remove(server)
+        results = measureAll(servers, blobs, opts, root)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        for server in servers:
+            server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
     elapsed = time.monotonic() - started
