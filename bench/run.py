@@ -23,7 +23,8 @@ bench/results/<timestamp>.txt and .json.  Every server is stopped at the
 end, also on Ctrl-C or SIGTERM, and the temporary directory removed.
 
 --nydus-proxy-args replaces the default "--no-access-log" (nginx runs with
-access_log off), e.g. --nydus-proxy-args "--no-access-log --workers 2".
+access_log off), e.g. --nydus-proxy-args="--no-access-log --workers 2" (write it with "="
+when the value is a single option).
 The server runs from a temporary working directory, so it is the
 nydus-proxy installed in --python's environment that is measured, not the
 checkout: reinstall after changing the code.
@@ -37,6 +38,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -54,6 +56,7 @@ REPO = "library/bench"
 SERVERS = ["nydus-proxy", "nginx", "twistd-web", "docker-registry"]
 TWISTD = "from twisted.scripts.twistd import run; run()"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROBLEM = re.compile(r"traceback|unhandled|error|crit|alert|emerg|fatal|warn", re.I)
 
 
 # --- blobs -----------------------------------------------------------------
@@ -197,6 +200,13 @@ class Server:
         lines = self.log.read_text(errors="replace").strip().splitlines()
         return " | ".join(lines[-5:])
 
+    def problems(self) -> list[str]:
+        """
+        Lines of the server's output that look like errors or warnings.
+        """
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [line for line in lines if PROBLEM.search(line)]
+
     def pids(self) -> list[int]:
         return processTree(self.process.pid)
 
@@ -264,7 +274,7 @@ def nginx(opts, root: Path) -> Server | str:
 daemon off;
 worker_processes 2;
 pid {prefix / 'nginx.pid'};
-error_log {prefix / 'error.log'} warn;
+error_log stderr warn;
 events {{ worker_connections 1024; }}
 http {{
 {temps}    access_log off;
@@ -279,7 +289,7 @@ http {{
     }}
 }}
 """)
-    argv = [binary, "-p", f"{prefix}/", "-c", str(conf), "-e", str(prefix / "error.log")]
+    argv = [binary, "-p", f"{prefix}/", "-c", str(conf), "-e", "stderr"]
     return Server("nginx", argv, port, lambda b: f"/v2/{REPO}/blobs/sha256:{b.hex}",
                   root, rssSkipsRoot=True)
 
@@ -667,6 +677,7 @@ def main(argv: list[str]) -> int:
     root.chmod(0o755)  # nginx workers run as another user when we are root
     servers: list[Server] = []
     skipped: dict[str, str] = {}
+    problems: dict[str, list[str]] = {}
     try:
         sizes = [4 * KIB, MIB, 64 * MIB] + ([] if opts.quick else [GIB])
         print(f"writing blobs in {root} ...", flush=True)
@@ -689,6 +700,10 @@ def main(argv: list[str]) -> int:
                 server.stop()
                 servers.remove(server)
         results = measureAll(servers, blobs, opts, root)
+        for server in servers:
+            lines = server.problems()
+            if lines:
+                problems[server.name] = lines
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -707,6 +722,8 @@ def main(argv: list[str]) -> int:
     )
     for name, reason in skipped.items():
         text += f"skipped {name}: {reason}\n"
+    for name, lines in problems.items():
+        text += f"{name} logged {len(lines)} error/warning lines, e.g.: {lines[0]}\n"
     print()
     print(text)
     out = Path(__file__).resolve().parent / "results"
@@ -715,7 +732,7 @@ def main(argv: list[str]) -> int:
     (out / f"{stamp}.txt").write_text(text)
     (out / f"{stamp}.json").write_text(json.dumps({
         "argv": sys.argv, "options": vars(opts), "versions": info,
-        "wall_seconds": elapsed, "skipped": skipped, "results": results,
+        "wall_seconds": elapsed, "skipped": skipped, "problems": problems, "results": results,
     }, indent=1))
     print(f"written to {out / stamp}.txt and .json")
     return 0
