@@ -636,7 +636,7 @@ def parseArgs(argv: list[str]):
                         help=f"comma-separated, from {','.join(SERVERS)}")
     parser.add_argument("--quick", action="store_true",
                         help="1 s loads, no 1 GiB blob")
-    parser.add_argument("--duration", type=float, help="seconds per wrk run (3)")
+    parser.add_argument("--duration", type=int, help="seconds per run (3)")
     parser.add_argument("--runs", type=int, default=3, help="runs per load (3)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter with nydus-proxy installed (this one)")
@@ -670,6 +670,7 @@ def main(argv: list[str]) -> int:
     # Even where a shell started us with SIGINT ignored (in the background).
     signal.signal(signal.SIGINT, interrupt)
     started = time.monotonic()
+    loadBefore = os.getloadavg()[0]
     info = versions(opts)
     for key, value in info.items():
         print(f"{key}: {value}")
@@ -707,6 +708,10 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except subprocess.CalledProcessError as e:
+        print(f"bench: {shlex.join(e.cmd)} failed ({e.returncode}): "
+              f"{e.stderr or e.stdout}", file=sys.stderr)
+        return 1
     finally:
         for server in servers:
             server.stop()
@@ -718,6 +723,8 @@ def main(argv: list[str]) -> int:
         f"wall time {elapsed:.0f} s on {os.cpu_count()} CPUs; medians of {opts.runs} runs; "
         f"wrk -t1 for {opts.duration:g} s (ranges), curl --parallel for about as "
         f"long (HEAD), curl (downloads)\n"
+        f"load average (1 min) {loadBefore:.2f} at start, {os.getloadavg()[0]:.2f} "
+        f"at end: anything else running skews the figures\n"
         f"nydus-proxy options: {opts.nydus_proxy_args}\n"
     )
     for name, reason in skipped.items():
