@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,7 +170,7 @@ class Server:
     name: str
     argv: list[str]
     port: int
-    urlPath: object  # Blob -> str
+    urlPath: Callable[[Blob], str]
     cwd: Path
     process: subprocess.Popen | None = None
     log: Path | None = None
@@ -725,7 +726,7 @@ def main(argv: list[str]) -> int:
         f"long (HEAD), curl (downloads)\n"
         f"load average (1 min) {loadBefore:.2f} at start, {os.getloadavg()[0]:.2f} "
         f"at end: anything else running skews the figures\n"
-        f"nydus-proxy options: {opts.nydus_proxy_args}\n"
+        f"nydus-proxy options: {opts.nydus_proxy_args or '(none)'}\n"
     )
     for name, reason in skipped.items():
         text += f"skipped {name}: {reason}\n"
