@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
+from .auth import Authenticator, CredentialsError, threadRunner
 from .site import BlobSite
 from .store import BlobStore
 from .web import BlobResource, RegistryResource
@@ -31,6 +32,10 @@ class Options(usage.Options):
         ["blobsdir", "b", None, "Directory of blob files, named by their 64-hex id."],
         ["max-ranges", None, 16, "Most ranges served from one request; a "
          "Range header with more is ignored (whole blob).", int],
+        ["htpasswd", None, None, "Apache htpasswd file (bcrypt or SHA-crypt "
+         "hashes): blobs and /v2/ need HTTP Basic credentials from it."],
+        ["token-file", None, None, "File of bearer tokens, one a line: blobs "
+         "and /v2/ need one of them (nydusd's registry_token)."],
     ]
     optFlags = [
         ["no-access-log", None, "Do not log a line per request."],
@@ -48,6 +53,13 @@ class Options(usage.Options):
 
         try:
             endpoints.serverFromString(reactor, description)
+        except ImportError as e:
+            if description.partition(":")[0].lower() == "ssl":
+                raise usage.UsageError(
+                    f"--listen {description!r}: TLS needs pyOpenSSL ({e}): "
+                    "pip install 'nydus-proxy[tls]'"
+                )
+            raise usage.UsageError(f"--listen {description!r}: {e}")
         except Exception as e:
             raise usage.UsageError(f"--listen {description!r}: {e}")
         self["listen"].append(description)
@@ -60,6 +72,9 @@ class Options(usage.Options):
             raise usage.UsageError("--max-ranges must be at least 1")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        for name in ("htpasswd", "token-file"):
+            if self[name] is not None:
+                self[name] = os.path.abspath(self[name])
 
 
 class StartupError(Exception):
@@ -113,6 +128,34 @@ class ListeningService(service.MultiService):
             raise StartupError(reason) from None
 
 
+def openAuthenticator(options: Options, reactor) -> Authenticator | None:
+    htpasswd, tokens = options["htpasswd"], options["token-file"]
+    if htpasswd is None and tokens is None:
+        return None
+    try:
+        return Authenticator.fromFiles(htpasswd, tokens, threadRunner(reactor))
+    except CredentialsError as e:
+        raise StartupError(str(e)) from None
+
+
+class CredentialFilesCheck(service.Service):
+    """
+    Reads the credentials files once more as the server starts, after
+    twistd's C{--uid}/C{--gid} took effect: they are read again as that user
+    whenever they change, so files it cannot read stop the start.
+    """
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.auth.load()
+        except CredentialsError as e:
+            raise StartupError(f"{e} (as uid {os.getuid()})") from None
+
+
 def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite:
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -120,8 +163,9 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
         reactor = globalReactor
     store = openBlobStore(options["blobsdir"])
     blobs = BlobResource(store, reactor, options["max-ranges"])
+    auth = openAuthenticator(options, reactor)
     return BlobSite(
-        RegistryResource(blobs), accessLog=not options["no-access-log"], reactor=reactor
+        RegistryResource(blobs, auth), accessLog=not options["no-access-log"], reactor=reactor
     )
 
 
@@ -130,4 +174,6 @@ def makeService(options: Options, reactor=None) -> service.IService:
     listening = ListeningService()
     for description in options["listen"]:
         strports.service(description, site, reactor=reactor).setServiceParent(listening)
+    if site.resource.auth is not None:
+        CredentialFilesCheck(site.resource.auth).setServiceParent(listening)
     return listening

@@ -36,6 +36,8 @@ class OptionsTests(SynchronousTestCase):
                 "listen": ["tcp:8000"],
                 "max-ranges": 16,
                 "no-access-log": 0,
+                "htpasswd": None,
+                "token-file": None,
             },
         )
 
@@ -51,6 +53,8 @@ class OptionsTests(SynchronousTestCase):
                 "--listen", "unix:/tmp/nydus-proxy-test.sock",
                 "--max-ranges", "4",
                 "--no-access-log",
+                "--htpasswd", "users.htpasswd",
+                "--token-file", "tokens",
             ]
         )
         self.assertEqual(
@@ -60,6 +64,8 @@ class OptionsTests(SynchronousTestCase):
                 "listen": ["tcp:8001:interface=127.0.0.1", "unix:/tmp/nydus-proxy-test.sock"],
                 "max-ranges": 4,
                 "no-access-log": 1,
+                "htpasswd": os.path.abspath("users.htpasswd"),
+                "token-file": os.path.abspath("tokens"),
             },
         )
 
