@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -457,15 +457,17 @@ class Authenticator:
             entry = table.dummy
             if entry is None:
                 return self._refuse(request, "no users")
-        waiters = self._pending.get(key)
-        if waiters is None:
-            waiters = self._pending[key] = []
-            checking = self.runner(entry.verify, password, entry.hashed)
-            checking.addCallbacks(lambda matched: bool(matched) and known, self._checkFailed)
-            checking.addCallback(self._checked, key, table)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda reason: gone.append(True))
-        waiters.append(lambda allowed: self._answerHeld(request, allowed, resume, gone))
+        waiter = lambda allowed: self._answerHeld(request, allowed, resume, gone)  # noqa: E731
+        waiters = self._pending.get(key)
+        if waiters is not None:
+            waiters.append(waiter)
+            return NOT_DONE_YET
+        self._pending[key] = [waiter]
+        checking = maybeDeferred(self.runner, entry.verify, password, entry.hashed)
+        checking.addCallbacks(lambda matched: matched is True and known, self._checkFailed)
+        checking.addCallback(self._checked, key, table)
         return NOT_DONE_YET
 
     def _checkFailed(self, reason: Failure) -> bool:
