@@ -249,6 +249,7 @@ class WatchedFile:
         self.kind = kind
         self._parse = parse
         self._signature: tuple | None = None
+        self._failure: tuple | None = None
         self.value: Any = None
 
     def load(self) -> None:
@@ -289,14 +290,20 @@ class WatchedFile:
         try:
             signature, data = self._read()
         except OSError as e:
-            self._signature = ("error", e.errno)
+            # Tried again on each request (the cause may pass), logged
+            # once per file state and error.
+            failure = (signature, e.errno)
+            if failure != self._failure:
+                self._failure = failure
+                self.log.error(
+                    "Cannot read {kind} {path} ({reason}): refusing its credentials "
+                    "until it can be read",
+                    kind=self.kind, path=self.path, reason=e.strerror,
+                )
+            self._signature = None
             self.value = self._parse(b"", self.path)[0]
-            self.log.error(
-                "Cannot read {kind} {path} ({reason}): refusing its credentials "
-                "until it can be read",
-                kind=self.kind, path=self.path, reason=e.strerror,
-            )
             return True
+        self._failure = None
         value, problems = self._parse(data, self.path)
         for problem in problems:
             self.log.warn("{problem}: line ignored", problem=problem)

@@ -145,6 +145,8 @@ class CredentialFilesCheck(service.Service):
     whenever they change, so files it cannot read stop the start.
     """
 
+    log = Logger()
+
     def __init__(self, auth: Authenticator) -> None:
         self.auth = auth
 
@@ -153,7 +155,9 @@ class CredentialFilesCheck(service.Service):
         try:
             self.auth.load()
         except CredentialsError as e:
-            raise StartupError(f"{e} (as uid {os.getuid()})") from None
+            reason = f"{e} (as uid {os.getuid()})"
+            self.log.critical("nydus-proxy cannot start: {reason}", reason=reason)
+            raise StartupError(reason) from None
 
 
 def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite:

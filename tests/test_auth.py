@@ -597,6 +597,26 @@ class ReloadTests(AuthTestCase):
         os.rename(self.htpasswd + ".away", self.htpasswd)
         self.assertEqual(self.status(alice), 200)
 
+    def test_unreadableAtRuntime(self):
+        """
+        A file that is there but cannot be read (here a directory in its
+        place) is tried again on each request and logged once; readable
+        again, it works again.
+        """
+        alice = basic("alice", "wonderland")
+        os.rename(self.htpasswd, self.htpasswd + ".away")
+        os.mkdir(self.htpasswd)
+        for _ in range(3):
+            self.assertEqual(self.status(alice), 401)
+        errors = [m for m in self.messages() if m.startswith("Cannot read htpasswd file")]
+        self.assertEqual(errors, [
+            f"Cannot read htpasswd file {self.htpasswd} (Is a directory): "
+            "refusing its credentials until it can be read"
+        ])
+        os.rmdir(self.htpasswd)
+        os.rename(self.htpasswd + ".away", self.htpasswd)
+        self.assertEqual(self.status(alice), 200)
+
     def test_badLineAtRuntime(self):
         """
         A bad line written while the server runs is left out with a warning
