@@ -11,13 +11,13 @@ import warnings
 
 from twisted.internet import endpoints, reactor, task
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
 
 from nydusproxy import tap, web
 from nydusproxy.producer import FileProducer
@@ -102,8 +102,6 @@ class TLSTests(TLSServerMixin, TestCase):
         size = len(BLOB)
         for first, last, host in ((0, 4095, "127.0.0.1"), (1048576, 2097151, "127.0.0.1"),
                                   (size - 10, size - 1, "localhost")):
-            from twisted.web.http_headers import Headers
-
             headers = Headers({b"Range": [b"bytes=%d-%d" % (first, last)]})
             response = await agent.request(b"GET", self.url(port, host), headers)
             self.assertEqual(response.code, 206)
@@ -155,8 +153,6 @@ class TLSTests(TLSServerMixin, TestCase):
         self.assertFalse(received.startswith(b"HTTP/"), received[:40])
 
         agent = makeAgent(reactor, trusting(self.root.certPEM()))
-        from twisted.web.http_headers import Headers
-
         response = await agent.request(b"GET", self.url(port), Headers({b"Range": [b"bytes=5-9"]}))
         self.assertEqual((response.code, await readAll(response)), (206, BLOB[5:10]))
 
