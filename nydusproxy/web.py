@@ -166,9 +166,9 @@ class RegistryResource(Resource):
 
     def _route(self, request: IRequest) -> bytes | int:
         if self.auth is not None:
-            refused = self.auth.guard(request, self.render)
-            if refused is not None:
-                return refused
+            answer = self.auth.guard(request, self.render)
+            if answer is not None:
+                return answer
         segments = request.postpath
         underV2 = bool(segments) and segments[0] == b"v2"
         path = segments[1:] if underV2 else segments
