@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
+from .auth import Authenticator, CredentialsError, threadRunner
 from .images import ImageRoot
 from .registry import ImageRegistry
 from .site import BlobSite
@@ -41,6 +42,10 @@ class Options(usage.Options):
          "Range header with more is ignored (whole blob).", int],
         ["send-timeout", None, 60.0, "Seconds a client may read nothing of a "
          "response before it is disconnected.", float],
+        ["htpasswd", None, None, "Apache htpasswd file (bcrypt or SHA-crypt "
+         "hashes): blobs and /v2/ need HTTP Basic credentials from it."],
+        ["token-file", None, None, "File of bearer tokens, one a line: blobs "
+         "and /v2/ need one of them (nydusd's registry_token)."],
     ]
     optFlags = [
         ["no-access-log", None, "Do not log a line per request."],
@@ -97,6 +102,9 @@ class Options(usage.Options):
         elif workers > 1 and not allTCP:
             raise usage.UsageError("--workers above 1 needs tcp: or tcp6: --listen endpoints")
         self["workers"] = workers
+        for name in ("htpasswd", "token-file"):
+            if self[name] is not None:
+                self[name] = os.path.abspath(self[name])
 
 
 class StartupError(Exception):
@@ -110,16 +118,20 @@ class StartupError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        previousHook = sys.excepthook
+        if not getattr(sys.excepthook, "reportsStartupErrors", False):
+            sys.excepthook = _reportingStartupErrors(sys.excepthook)
 
-        def reportWithoutTraceback(kind, value, traceback):
-            if isinstance(value, StartupError):
-                stderr = sys.__stderr__ or sys.stderr
-                stderr.write(f"nydus-proxy: {value}\n")
-            else:
-                previousHook(kind, value, traceback)
 
-        sys.excepthook = reportWithoutTraceback
+def _reportingStartupErrors(previousHook):
+    def reportWithoutTraceback(kind, value, traceback):
+        if isinstance(value, StartupError):
+            stderr = sys.__stderr__ or sys.stderr
+            stderr.write(f"nydus-proxy: {value}\n")
+        else:
+            previousHook(kind, value, traceback)
+
+    reportWithoutTraceback.reportsStartupErrors = True
+    return reportWithoutTraceback
 
 
 def checkDirectory(path: str, what: str = "blob directory") -> None:
@@ -159,6 +171,38 @@ class ListeningService(service.MultiService):
             raise StartupError(reason) from None
 
 
+def openAuthenticator(options: Options, reactor) -> Authenticator | None:
+    htpasswd, tokens = options["htpasswd"], options["token-file"]
+    if htpasswd is None and tokens is None:
+        return None
+    try:
+        return Authenticator.fromFiles(htpasswd, tokens, threadRunner(reactor))
+    except CredentialsError as e:
+        raise StartupError(str(e)) from None
+
+
+class CredentialFilesCheck(service.Service):
+    """
+    Reads the credentials files once more as the server starts, after
+    twistd's C{--uid}/C{--gid} took effect: they are read again as that user
+    whenever they change, so files it cannot read stop the start.
+    """
+
+    log = Logger()
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.auth.load()
+        except CredentialsError as e:
+            reason = f"{e} (as uid {os.getuid()})"
+            self.log.critical("nydus-proxy cannot start: {reason}", reason=reason)
+            raise StartupError(reason) from None
+
+
 def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite:
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -173,15 +217,18 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
         useSendfile=not options["no-sendfile"],
         sendTimeout=options["send-timeout"],
     )
+    auth = openAuthenticator(options, reactor)
     return BlobSite(
-        RegistryResource(blobs, images),
+        RegistryResource(blobs, images, auth),
         accessLog=not options["no-access-log"],
         reactor=reactor,
     )
 
 
-def listeningServices(services) -> ListeningService:
+def listeningServices(site: BlobSite, services) -> ListeningService:
     listening = ListeningService()
+    if site.resource.auth is not None:
+        CredentialFilesCheck(site.resource.auth).setServiceParent(listening)
     for child in services:
         child.setServiceParent(listening)
     return listening
@@ -197,6 +244,13 @@ def checkEndpoints(descriptions: list[str], reactor) -> None:
     for description in descriptions:
         try:
             endpoints.serverFromString(reactor, description)
+        except ImportError as e:
+            if description.partition(":")[0].lower() == "ssl":
+                raise StartupError(
+                    f"--listen {description!r}: TLS needs pyOpenSSL ({e}): "
+                    "pip install 'nydus-proxy[tls]'"
+                ) from None
+            raise StartupError(f"--listen {description!r}: {e}") from None
         except Exception as e:
             raise StartupError(f"--listen {description!r}: {e}") from None
 
@@ -206,8 +260,9 @@ def makeService(options: Options, reactor=None) -> service.IService:
     # Built here in every case, so that a bad directory stops the start.
     site = buildSite(options, reactor)
     if options["workers"] > 1:
-        return WorkerSupervisor(options, reactor)
+        return listeningServices(site, [WorkerSupervisor(options, reactor)])
     return listeningServices(
-        strports.service(description, site, reactor=reactor)
-        for description in options["listen"]
+        site,
+        (strports.service(description, site, reactor=reactor)
+         for description in options["listen"]),
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -20,6 +21,9 @@ from .conditional import notModified, rangeApplies
 from .producer import FileProducer, Part, SendfileProducer, sendfileTransport
 from .ranges import parseRange
 from .store import BlobStore
+
+if TYPE_CHECKING:
+    from .auth import Authenticator
 
 # The OCI distribution spec's grammar for one component of a repository name.
 _NAME_COMPONENT = re.compile(rb"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*\Z")
@@ -180,20 +184,26 @@ class RegistryResource(Resource):
       - either form with a bare 64-hex id in place of the digest, as
         nydusd's http-proxy backend asks.
 
-    Everything else is a JSON error.
+    Everything else is a JSON error.  With an C{auth}, the registry routes
+    need credentials (see L{nydusproxy.auth}).
     """
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, blobs: BlobResource, images=None) -> None:
+    def __init__(
+        self, blobs: BlobResource, images=None, auth: Authenticator | None = None
+    ) -> None:
         """
         @param images: the routes of C{--images}
             (L{nydusproxy.registry.ImageRegistry}), if given.
+        @param auth: the check of C{--htpasswd} and C{--token-file}, if
+            given.
         """
         super().__init__()
         self.blobs = blobs
         self.images = images
+        self.auth = auth
 
     def render(self, request: IRequest) -> bytes | int:
         request.setHeader(errors.API_VERSION_HEADER, errors.API_VERSION)
@@ -211,6 +221,10 @@ class RegistryResource(Resource):
             return errors.writeError(request, errors.UNKNOWN)
 
     def _route(self, request: IRequest) -> bytes | int:
+        if self.auth is not None:
+            answer = self.auth.guard(request, self.render)
+            if answer is not None:
+                return answer
         segments = request.postpath
         underV2 = bool(segments) and segments[0] == b"v2"
         path = segments[1:] if underV2 else segments

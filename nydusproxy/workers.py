@@ -9,8 +9,10 @@ privileges, keeps them for the workers it restarts, and never accepts on
 them itself.  Each worker is C{python -m nydusproxy.workers}: it adopts its
 sockets and serves them with the same site as a single process would.
 
-A worker that dies is started again; SIGTERM to the supervisor stops them
-all.  Workers send their log events to the supervisor, which writes them
+The workers are started before twistd sheds privileges (C{--uid},
+C{--gid}) and shed them themselves once they hold their sockets; a worker
+that dies is started again (as the supervisor's user by then); SIGTERM to
+the supervisor stops them all.  Workers send their log events to the supervisor, which writes them
 to twistd's log, and they stop when the supervisor's end of their standard
 input closes, so none outlives it.
 """
@@ -116,6 +118,7 @@ class WorkerSupervisor(service.Service):
         self.count = options["workers"]
         self.arguments = [*options.arguments, "--workers", "1"]
         self.addresses = [tcpAddress(d) for d in options["listen"]]
+        self.identity = _shedIdentity(getattr(options, "parent", None))
         self.sockets: list[list[socket.socket]] = []
         self.workers: dict[int, _WorkerProtocol] = {}
         self._loggers: dict[str, Logger] = {}
@@ -142,13 +145,13 @@ class WorkerSupervisor(service.Service):
                 port=port,
                 count=self.count,
             )
+        for index in range(self.count):
+            self._spawn(index)
 
     def startService(self) -> None:
         if not self.sockets:
             self.privilegedStartService()
         super().startService()
-        for index in range(self.count):
-            self._spawn(index)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -186,7 +189,7 @@ class WorkerSupervisor(service.Service):
     def workerEnded(self, worker: _WorkerProtocol, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
-        if self.running:
+        if self.running and self.sockets:
             self.log.error(
                 "Worker {index} ended ({reason}); starting it again in {delay} s",
                 index=worker.index,
@@ -210,7 +213,9 @@ class WorkerSupervisor(service.Service):
             sys.executable,
             "-m",
             "nydusproxy.workers",
-            json.dumps({"families": families, "arguments": self.arguments}),
+            json.dumps(
+                {"families": families, "arguments": self.arguments, "identity": self.identity}
+            ),
         ]
         self.reactor.spawnProcess(worker, sys.executable, argv, env=os.environ, childFDs=childFDs)
         self.workers[index] = worker
@@ -226,6 +231,23 @@ class WorkerSupervisor(service.Service):
             for listener in sockets:
                 listener.close()
         self.sockets = []
+
+
+def _shedIdentity(twistdOptions) -> tuple[int, int] | None:
+    """
+    The user and group that twistd will switch to, from its C{--uid} and
+    C{--gid}, as its own C{startApplication} works them out.
+    """
+    if twistdOptions is None or os.getuid() != 0:
+        return None
+    uid, gid = twistdOptions.get("uid"), twistdOptions.get("gid")
+    if uid is None:
+        return None
+    if gid is None:
+        import pwd
+
+        gid = pwd.getpwuid(uid).pw_gid
+    return uid, gid
 
 
 class _SupervisorLink(protocol.Protocol):
@@ -262,6 +284,7 @@ def main() -> None:
     """
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner
+    from twisted.python.util import switchUID
 
     from .tap import Options, buildSite, listeningServices
 
@@ -276,9 +299,11 @@ def main() -> None:
         )
         for offset, family in enumerate(config["families"])
     ]
-    top = listeningServices(services)
+    top = listeningServices(site, services)
     stdio.StandardIO(_SupervisorLink(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
     top.privilegedStartService()
+    if config["identity"] is not None:
+        switchUID(*config["identity"])
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()

@@ -31,6 +31,8 @@ def defaults(**changes):
         "no-sendfile": 0,
         "send-timeout": 60.0,
         "workers": os.cpu_count(),
+        "htpasswd": None,
+        "token-file": None,
     }
     for name, value in changes.items():
         key = name.replace("_", "-")
@@ -67,6 +69,8 @@ class OptionsTests(SynchronousTestCase):
                 "--no-access-log",
                 "--no-sendfile",
                 "--send-timeout", "5",
+                "--htpasswd", "users.htpasswd",
+                "--token-file", "tokens",
             ]
         )
         self.assertEqual(
@@ -79,6 +83,8 @@ class OptionsTests(SynchronousTestCase):
                 no_sendfile=1,
                 send_timeout=5.0,
                 workers=1,
+                htpasswd=os.path.abspath("users.htpasswd"),
+                token_file=os.path.abspath("tokens"),
             ),
         )
 
