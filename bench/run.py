@@ -211,11 +211,15 @@ class Server:
     def pids(self) -> list[int]:
         return processTree(self.process.pid)
 
-    def peakRss(self) -> int:
+    def peakRss(self) -> tuple[int, int]:
+        """
+        The peak RSS of the serving processes: summed, and the largest.
+        """
         pids = self.pids()
         if self.rssSkipsRoot and len(pids) > 1:
             pids = pids[1:]
-        return sum(peakRss(pid) for pid in pids)
+        peaks = [peakRss(pid) for pid in pids]
+        return sum(peaks), max(peaks)
 
     def stop(self) -> None:
         """
@@ -480,7 +484,8 @@ METRICS = [
     ("get1g_cpu_s_gib", "  server CPU s/GiB"),
     ("get4x64m_mib_s", "4 x 64 MiB downloads MiB/s"),
     ("get4x64m_cpu_s_gib", "  server CPU s/GiB"),
-    ("peak_rss_mib", "peak RSS MiB"),
+    ("peak_rss_mib", "peak RSS MiB, all processes"),
+    ("peak_rss_max_mib", "  largest process"),
     ("wrong", "wrong answers + socket errors (sum)"),
 ]
 
@@ -529,7 +534,7 @@ def measureAll(servers: list[Server], blobs: dict[int, Blob], opts, workdir: Pat
     }
 
 
-def figures(raw: dict[str, list[dict]], peakRss: int) -> dict[str, float]:
+def figures(raw: dict[str, list[dict]], peakRss: tuple[int, int]) -> dict[str, float]:
     med = lambda key, f: statistics.median(f(r) for r in raw[key])
     rps = lambda r: r["requests"] / r["seconds"]
     found = {
@@ -544,7 +549,8 @@ def figures(raw: dict[str, list[dict]], peakRss: int) -> dict[str, float]:
         "cpu_us_per_req": med("r4k16", lambda r: r["server_cpu_s"] / r["requests"] * 1e6),
         "get4x64m_mib_s": med("get4x64m", lambda r: r["mib_s"]),
         "get4x64m_cpu_s_gib": med("get4x64m", lambda r: r["cpu_s_per_gib"]),
-        "peak_rss_mib": peakRss / MIB,
+        "peak_rss_mib": peakRss[0] / MIB,
+        "peak_rss_max_mib": peakRss[1] / MIB,
     }
     if "get1g" in raw:
         found["get1g_mib_s"] = med("get1g", lambda r: r["mib_s"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
@@ -40,6 +41,10 @@ _EMPTY_JSON = b"{}"
 _IMMUTABLE = b"public, max-age=31536000, immutable"
 
 
+# Blobs in a directory share few modification times.
+_httpDate = lru_cache(maxsize=256)(datetimeToString)
+
+
 class BlobResource:
     """
     Answers for one blob: its headers, the whole file, one range, several
@@ -48,9 +53,10 @@ class BlobResource:
 
     log = Logger()
 
-    # Below this, one write of the bytes costs less than waiting for the
-    # headers to drain before sendfile(2).
-    sendfileMinimum = 64 * 1024
+    # A body smaller than this is read at once and returned from render:
+    # cheaper than a producer, and than waiting for the headers to drain
+    # before sendfile(2).  Larger ones stream.
+    smallBody = 64 * 1024
 
     def __init__(
         self,
@@ -100,7 +106,7 @@ class BlobResource:
         request.setHeader(b"Docker-Content-Digest", digest)
         request.setHeader(b"ETag", etag)
         request.setHeader(b"Cache-Control", _IMMUTABLE)
-        request.setHeader(b"Last-Modified", datetimeToString(modified))
+        request.setHeader(b"Last-Modified", _httpDate(modified))
         request.setHeader(b"Accept-Ranges", b"bytes")
         if notModified(request, etag, modified):
             os.close(fd)
@@ -143,7 +149,9 @@ class BlobResource:
         if request.method == b"HEAD" or length == 0:
             os.close(fd)
             return b""
-        if self.useSendfile and len(parts) == 1 and length >= self.sendfileMinimum:
+        if len(parts) == 1 and length < self.smallBody:
+            return self._readSmall(request, fd, parts[0])
+        if self.useSendfile and len(parts) == 1:
             transport = sendfileTransport(request)
             if transport is not None:
                 SendfileProducer(
@@ -152,6 +160,22 @@ class BlobResource:
                 return NOT_DONE_YET
         FileProducer(request, fd, parts, self.clock, self.sendTimeout).start()
         return NOT_DONE_YET
+
+
+    def _readSmall(self, request: IRequest, fd: int, part: Part) -> bytes | int:
+        _, offset, length = part
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            self.log.warn(
+                "Blob ended {missing} bytes early (truncated?); closing the connection",
+                missing=length - len(data),
+            )
+            request.loseConnection()
+            return NOT_DONE_YET
+        return data
 
 
 def _multipart(ranges: list[tuple[int, int]], size: int) -> tuple[list[Part], int, bytes]:

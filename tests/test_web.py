@@ -285,6 +285,31 @@ class EdgeBlobTests(SynchronousTestCase):
         self.assertEqual(response.header("content-length"), "10")
 
 
+class SmallBodyTests(SynchronousTestCase):
+    def test_shorterThanItsSize(self):
+        """
+        A small body that turns out shorter than the size just taken (the
+        blob was truncated in between) is not answered with fewer bytes
+        than promised: the connection is closed, and a warning logged.
+        """
+        blobsdir = makeBlobDir(self, [BLOB])
+        server = InMemoryServer(blobsdir)
+        store = server.site.resource.blobs.store
+        original = store.open
+
+        def grownStat(algorithm, hexdigest):
+            fd, status = original(algorithm, hexdigest)
+            os.truncate(os.path.join(blobsdir, HEX), 100)
+            return fd, status
+
+        store.open = grownStat
+        protocol, transport = server.connect()
+        protocol.dataReceived(b"GET " + path("a", DIGEST) + b" HTTP/1.1\r\nHost: x\r\n"
+                              b"Range: bytes=0-4095\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+
 class RouteTests(SynchronousTestCase):
     def setUp(self):
         self.blobsdir = makeBlobDir(self, [BLOB])
