@@ -5,6 +5,7 @@ The twistd plugin's command line and service: C{twistd nydus-proxy}.
 from __future__ import annotations
 
 import os
+import resource
 import sys
 
 from twisted.application import service, strports
@@ -255,8 +256,19 @@ def checkEndpoints(descriptions: list[str], reactor) -> None:
             raise StartupError(f"--listen {description!r}: {e}") from None
 
 
+def raiseOpenFileLimit() -> None:
+    """
+    Let the server hold as many connections and open blobs as the hard
+    limit allows: the soft limit is often 1024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def makeService(options: Options, reactor=None) -> service.IService:
     checkEndpoints(options["listen"], reactor)
+    raiseOpenFileLimit()
     # Built here in every case, so that a bad directory stops the start.
     site = buildSite(options, reactor)
     if options["workers"] > 1:

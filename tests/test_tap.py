@@ -267,3 +267,17 @@ class MakeServiceTests(SynchronousTestCase):
         with open(stderr) as f:
             self.assertEqual(f.read(), "nydus-proxy: the reason\n")
         self.assertEqual([args[0] for args in seen], [ValueError])
+
+
+class OpenFileLimitTests(SynchronousTestCase):
+    def test_raisedToHard(self):
+        """
+        Starting raises the soft limit on open files to the hard one.
+        """
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+        tap.raiseOpenFileLimit()
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE), (hard, hard))
