@@ -1,24 +1,21 @@
 """
 The HTTP site: Twisted's, with an access log through C{twisted.logger}
-that also records how long each request took and the ones cut short.
+(combined log format or JSON lines) that also records how long each request
+took and the ones cut short, and the hooks that feed the metrics.
 """
 
 from __future__ import annotations
 
-from time import monotonic
+from time import monotonic, time
 
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import IResource
 
-_ACCESS_FORMAT = (
-    '{client} "{method} {uri} {protocol}" {status} {length} {duration:.6f}'
-    "{aborted}"
-)
+from .accesslog import LINES, text
 
-
-def _text(value: bytes) -> str:
-    return value.decode("ascii", "backslashreplace")
+# Health probes come every few seconds: they are not access-logged.
+_QUIET_PATHS = frozenset({b"/healthz"})
 
 
 class AccessLoggingRequest(server.Request):
@@ -26,6 +23,9 @@ class AccessLoggingRequest(server.Request):
 
     def process(self) -> None:
         self.startedAt = monotonic()
+        metrics = self.channel.site.metrics
+        if metrics is not None:
+            metrics.requestStarted()
         super().process()
 
     def connectionLost(self, reason) -> None:
@@ -39,31 +39,68 @@ class BlobSite(server.Site):
     """
     A L{server.Site} that writes one access line per request to the
     C{twisted.logger} log (twistd's log file), or none when C{accessLog} is
-    false.
+    false, and counts requests into C{metrics} (a L{nydusproxy.metrics.Metrics})
+    when it is given.
     """
 
     requestFactory = AccessLoggingRequest
     accessLogger = Logger(namespace="nydusproxy.access")
 
-    def __init__(self, resource: IResource, accessLog: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        resource: IResource,
+        accessLog: bool = True,
+        accessLogFormat: str = "combined",
+        metrics=None,
+        **kwargs,
+    ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.accessLog = accessLog
+        self.accessLogFormat = accessLogFormat
+        self._line = LINES[accessLogFormat]
+        self.metrics = metrics
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        metrics = self.metrics
+        if metrics is not None and protocol is not None:
+            metrics.connectionOpened()
+            connectionLost = protocol.connectionLost
+
+            def countedConnectionLost(reason):
+                metrics.connectionClosed()
+                connectionLost(reason)
+
+            protocol.connectionLost = countedConnectionLost
+        return protocol
 
     def log(self, request) -> None:  # type: ignore[override]
         self.logAccess(request, aborted=False)
 
     def logAccess(self, request: AccessLoggingRequest, aborted: bool) -> None:
-        if not self.accessLog:
+        """
+        A request has ended, answered (C{aborted} false) or cut short by
+        the client leaving (C{aborted} true): count it and log it.
+        """
+        startedAt = request.startedAt
+        duration = 0.0 if startedAt is None else monotonic() - startedAt
+        if self.metrics is not None and startedAt is not None:
+            self.metrics.requestEnded(request, duration, aborted)
+        if not self.accessLog or request.path in _QUIET_PATHS:
             return
         address = request.getClientAddress()
-        self.accessLogger.info(
-            _ACCESS_FORMAT,
-            client=getattr(address, "host", "-"),
-            method=_text(request.method),
-            uri=_text(request.uri),
-            protocol=_text(request.clientproto),
-            status=request.code,
-            length=request.sentLength,
-            duration=monotonic() - (request.startedAt or monotonic()),
-            aborted=" aborted" if aborted else "",
-        )
+        fields = {
+            "time": time(),
+            "client": getattr(address, "host", "-"),
+            "method": text(request.method),
+            "uri": text(request.uri),
+            "protocol": text(request.clientproto),
+            "status": request.code,
+            "bytes": request.sentLength,
+            "duration": duration,
+            "referer": text(request.getHeader(b"referer")),
+            "user_agent": text(request.getHeader(b"user-agent")),
+            "aborted": aborted,
+            "error": getattr(request, "ociError", None),
+        }
+        self.accessLogger.info("{access_line}", access_line=self._line(fields), **fields)

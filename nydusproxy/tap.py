@@ -13,11 +13,32 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
+from .accesslog import FORMATS
+from .health import HealthResource
 from .site import BlobSite
 from .store import BlobStore
 from .web import BlobResource, RegistryResource
 
 DEFAULT_LISTEN = "tcp:8000"
+
+
+def _accessLogFormat(value: str) -> str:
+    if value not in FORMATS:
+        raise ValueError(f"one of {', '.join(FORMATS)}")
+    return value
+
+
+_accessLogFormat.coerceDoc = "One of: " + ", ".join(FORMATS) + "."  # type: ignore[attr-defined]
+
+
+def _checkEndpoint(option: str, description: str) -> str:
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(f"{option} {description!r}: {e}")
+    return description
 
 
 class Options(usage.Options):
@@ -31,26 +52,34 @@ class Options(usage.Options):
         ["blobsdir", "b", None, "Directory of blob files, named by their 64-hex id."],
         ["max-ranges", None, 16, "Most ranges served from one request; a "
          "Range header with more is ignored (whole blob).", int],
+        ["access-log-format", None, "combined", "Access log lines: combined "
+         "(the combined log format) or json (one JSON object a line).",
+         _accessLogFormat],
     ]
     optFlags = [
         ["no-access-log", None, "Do not log a line per request."],
+        ["metrics", None, "Serve Prometheus metrics at /metrics (needs "
+         "the prometheus_client package)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["metrics-listen"] = None
 
     def opt_listen(self, description: str) -> None:
         """
         Twisted endpoint to listen on (repeatable; default tcp:8000).
         """
-        from twisted.internet import endpoints, reactor
+        self["listen"].append(_checkEndpoint("--listen", description))
 
-        try:
-            endpoints.serverFromString(reactor, description)
-        except Exception as e:
-            raise usage.UsageError(f"--listen {description!r}: {e}")
-        self["listen"].append(description)
+    def opt_metrics_listen(self, description: str) -> None:
+        """
+        Serve /metrics on this endpoint only, not on the blob site
+        (implies --metrics).
+        """
+        self["metrics-listen"] = _checkEndpoint("--metrics-listen", description)
+        self["metrics"] = 1
 
     def postOptions(self) -> None:
         if not self["blobsdir"]:
@@ -120,8 +149,47 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
         reactor = globalReactor
     store = openBlobStore(options["blobsdir"])
     blobs = BlobResource(store, reactor, options["max-ranges"])
+    pages = {b"healthz": HealthResource(store)}
+    metrics = None
+    if options["metrics"]:
+        metrics = loadMetrics()
+        if not options["metrics-listen"]:
+            from .metrics import MetricsResource
+
+            pages[b"metrics"] = MetricsResource(metrics)
     return BlobSite(
-        RegistryResource(blobs), accessLog=not options["no-access-log"], reactor=reactor
+        RegistryResource(blobs, pages),
+        accessLog=not options["no-access-log"],
+        accessLogFormat=options["access-log-format"],
+        metrics=metrics,
+        reactor=reactor,
+    )
+
+
+def loadMetrics():
+    """
+    A new L{nydusproxy.metrics.Metrics}, or a L{StartupError} when
+    prometheus_client is not installed.
+    """
+    try:
+        from .metrics import Metrics
+    except ImportError as e:
+        raise StartupError(
+            f"--metrics needs the prometheus_client package ({e}): "
+            "pip install 'nydus-proxy[metrics]'"
+        ) from None
+    return Metrics()
+
+
+def buildMetricsSite(site: BlobSite, reactor=None) -> BlobSite:
+    """
+    The site of C{--metrics-listen}: C{/metrics} of C{site}'s counters, and
+    nothing else; its own requests are neither logged nor counted.
+    """
+    from .metrics import MetricsResource, MetricsSite
+
+    return BlobSite(
+        MetricsSite(MetricsResource(site.metrics)), accessLog=False, reactor=reactor
     )
 
 
@@ -130,4 +198,8 @@ def makeService(options: Options, reactor=None) -> service.IService:
     listening = ListeningService()
     for description in options["listen"]:
         strports.service(description, site, reactor=reactor).setServiceParent(listening)
+    if options["metrics-listen"]:
+        strports.service(
+            options["metrics-listen"], buildMetricsSite(site, reactor), reactor=reactor
+        ).setServiceParent(listening)
     return listening

@@ -133,15 +133,17 @@ class RegistryResource(Resource):
       - either form with a bare 64-hex id in place of the digest, as
         nydusd's http-proxy backend asks.
 
-    Everything else is a JSON error.
+    Everything else is a JSON error.  C{pages} adds one-segment paths
+    answered before any of this: C{/healthz}, C{/metrics}.
     """
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, blobs: BlobResource) -> None:
+    def __init__(self, blobs: BlobResource, pages: dict | None = None) -> None:
         super().__init__()
         self.blobs = blobs
+        self.pages = pages or {}
 
     def render(self, request: IRequest) -> bytes | int:
         request.setHeader(errors.API_VERSION_HEADER, errors.API_VERSION)
@@ -160,6 +162,10 @@ class RegistryResource(Resource):
 
     def _route(self, request: IRequest) -> bytes | int:
         segments = request.postpath
+        # /healthz (and /metrics, when on this site) come first and stay
+        # outside any auth check: probes and scrapers carry no credentials.
+        if len(segments) == 1 and segments[0] in self.pages:
+            return self.pages[segments[0]].render(request)
         underV2 = bool(segments) and segments[0] == b"v2"
         path = segments[1:] if underV2 else segments
         readMethod = request.method in _READ_METHODS

@@ -36,6 +36,9 @@ class OptionsTests(SynchronousTestCase):
                 "listen": ["tcp:8000"],
                 "max-ranges": 16,
                 "no-access-log": 0,
+                "access-log-format": "combined",
+                "metrics": 0,
+                "metrics-listen": None,
             },
         )
 
@@ -51,6 +54,8 @@ class OptionsTests(SynchronousTestCase):
                 "--listen", "unix:/tmp/nydus-proxy-test.sock",
                 "--max-ranges", "4",
                 "--no-access-log",
+                "--access-log-format", "json",
+                "--metrics-listen", "tcp:9100:interface=127.0.0.1",
             ]
         )
         self.assertEqual(
@@ -60,6 +65,9 @@ class OptionsTests(SynchronousTestCase):
                 "listen": ["tcp:8001:interface=127.0.0.1", "unix:/tmp/nydus-proxy-test.sock"],
                 "max-ranges": 4,
                 "no-access-log": 1,
+                "access-log-format": "json",
+                "metrics": 1,
+                "metrics-listen": "tcp:9100:interface=127.0.0.1",
             },
         )
 
