@@ -18,21 +18,22 @@ FORMATS = ("combined", "json")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
            "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
-# Bytes that may not appear as they are inside a quoted field of a combined
-# line: controls, the quote, the backslash, and everything past ASCII.
-_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
+# Characters that may not appear as they are inside a quoted field of a
+# combined line: controls, the quote, the backslash, and everything past
+# ASCII, written as Apache does (C{\\xNN}, C{\\"}, C{\\\\}).
+_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(0x20), *range(0x7F, 0x100))}
 _ESCAPES[ord('"')] = '\\"'
 _ESCAPES[ord("\\")] = "\\\\"
 
 
 def text(value: bytes | None) -> str | None:
     """
-    A header or request-line value as text: ASCII kept, any other byte as
-    C{\\xNN}.
+    A header or request-line value as text, byte for byte (ISO-8859-1, as
+    HTTP/1.1 treats bytes past ASCII), or L{None} for an absent header.
     """
     if value is None:
         return None
-    return value.decode("ascii", "backslashreplace")
+    return value.decode("latin-1")
 
 
 def _quoted(value: str | None) -> str:
