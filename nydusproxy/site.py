@@ -44,7 +44,6 @@ class BlobSite(server.Site):
     """
 
     requestFactory = AccessLoggingRequest
-    accessLogger = Logger(namespace="nydusproxy.access")
 
     def __init__(
         self,
@@ -56,6 +55,9 @@ class BlobSite(server.Site):
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.accessLog = accessLog
+        # An instance attribute: a Logger class attribute would log under
+        # the class's name, whatever namespace it was given.
+        self.accessLogger = Logger(namespace="nydusproxy.access", source=self)
         self.accessLogFormat = accessLogFormat
         self._line = LINES[accessLogFormat]
         self.metrics = metrics

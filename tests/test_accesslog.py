@@ -54,9 +54,7 @@ class AccessLogTestCase(SynchronousTestCase):
             self.blobsdir, "--access-log-format", self.format
         )
         self.events = []
-        self.server.site.accessLogger = Logger(
-            namespace="nydusproxy.access", observer=self.events.append
-        )
+        self.server.site.accessLogger.observer = self.events.append
         self.patch(site, "time", lambda: WHEN)
 
     def lines(self):
