@@ -85,7 +85,8 @@ class CombinedLine:
             f'"{_quoted(f["referer"])}" "{_quoted(f["user_agent"])}"'
         )
 
-    __str__ = __format__
+    def __str__(self) -> str:
+        return self.__format__("")
 
 
 class JSONLine:
@@ -106,7 +107,8 @@ class JSONLine:
         document["duration"] = round(document["duration"], 6)
         return json.dumps(document, separators=(",", ":"))
 
-    __str__ = __format__
+    def __str__(self) -> str:
+        return self.__format__("")
 
 
 LINES = {"combined": CombinedLine, "json": JSONLine}

@@ -8,7 +8,7 @@ import re
 
 from twisted.internet.address import UNIXAddress
 from twisted.internet.error import ConnectionDone
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, eventAsJSON, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -145,6 +145,21 @@ class CombinedTests(AccessLogTestCase):
         self.assertEqual((len(self.events), rendered), (1, []))
         formatEvent(self.events[0])
         self.assertEqual(len(rendered), 1)
+
+    def test_twistedJSONObserver(self):
+        """
+        The event serializes with twisted.logger's JSON observer: its fields
+        as they are, and the line rendered once, in log_flattened.
+        """
+        self.server.get(b"/v2/")
+        [event] = self.events
+        document = json.loads(eventAsJSON(event))
+        self.assertEqual((document["status"], document["uri"]), (200, "/v2/"))
+        self.assertEqual(
+            document["log_flattened"]["access_line!:"],
+            '127.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /v2/ HTTP/1.1" 200 2 "-" "-"',
+        )
+        self.assertEqual(str(event["access_line"]), document["log_flattened"]["access_line!:"])
 
     def test_healthzNotLogged(self):
         """
