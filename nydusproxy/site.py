@@ -105,4 +105,4 @@ class BlobSite(server.Site):
             "aborted": aborted,
             "error": getattr(request, "ociError", None),
         }
-        self.accessLogger.info("{access_line}", access_line=self._line(fields), **fields)
+        self.accessLogger.info("{access_line!s}", access_line=self._line(fields), **fields)

@@ -156,10 +156,10 @@ class CombinedTests(AccessLogTestCase):
         document = json.loads(eventAsJSON(event))
         self.assertEqual((document["status"], document["uri"]), (200, "/v2/"))
         self.assertEqual(
-            document["log_flattened"]["access_line!:"],
+            document["log_flattened"]["access_line!s:"],
             '127.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /v2/ HTTP/1.1" 200 2 "-" "-"',
         )
-        self.assertEqual(str(event["access_line"]), document["log_flattened"]["access_line!:"])
+        self.assertEqual(str(event["access_line"]), document["log_flattened"]["access_line!s:"])
 
     def test_healthzNotLogged(self):
         """
