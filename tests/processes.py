@@ -116,3 +116,31 @@ class Process:
 
     def text(self) -> str:
         return fileText(self.output)
+
+
+def readAll(response):
+    """
+    The body of an Agent's response.  (Like twisted.web.client.readBody,
+    which warns about a transport without abortConnection when the body has
+    already arrived.)
+    """
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import Protocol
+    from twisted.web.client import ResponseDone
+    from twisted.web.http import PotentialDataLoss
+
+    done = Deferred()
+    chunks = []
+
+    class Collect(Protocol):
+        def dataReceived(self, data):
+            chunks.append(data)
+
+        def connectionLost(self, reason):
+            if reason.check(ResponseDone, PotentialDataLoss):
+                done.callback(b"".join(chunks))
+            else:
+                done.errback(reason)
+
+    response.deliverBody(Collect())
+    return done

@@ -15,13 +15,13 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 
 from nydusproxy import tap
 
-from .processes import CONTRIB, TWISTD, Process, freePort, need, request, waitFor
+from .processes import CONTRIB, TWISTD, Process, freePort, need, readAll, request, waitFor
 from .support import makeBlobDir, makeOptions, sha256
 
 BLOB = os.urandom(300 * 1024)
@@ -73,7 +73,7 @@ class UNIXSocketTests(TestCase):
             b"GET", b"http://nydus-proxy" + BLOB_PATH.encode(),
             Headers({b"Range": [b"bytes=1000-204799"]}),
         )
-        body = await readBody(response)
+        body = await readAll(response)
         self.assertEqual(response.code, 206)
         self.assertEqual(body, BLOB[1000:204800])
         self.assertEqual(
@@ -161,9 +161,7 @@ class SystemdUnitTests(SynchronousTestCase):
         self.assertEqual(process.stop(), -signal.SIGTERM)
         log = process.text()
         self.assertIn(f"Listening on 127.0.0.1:{port} as 3.", log)
-        self.assertIn(
-            f'[nydusproxy.access#info] 127.0.0.1 - - [', log
-        )
+        self.assertIn("[nydusproxy.access#info] 127.0.0.1 - - [", log)
         self.assertIn(f'"GET {BLOB_PATH} HTTP/1.1" 206 4096 "-" "-"', log)
         self.assertIn("Server Shut Down.", log)
         # No other port: the server listened on the inherited socket only.

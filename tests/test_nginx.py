@@ -13,12 +13,12 @@ from twisted.internet.error import ConnectionRefusedError, ProcessDone, ProcessT
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from nydusproxy import tap
 
-from .processes import CONTRIB, freePort, need
+from .processes import CONTRIB, freePort, need, readAll
 from .support import makeBlobDir, makeOptions, sha256
 
 SLICE = 1024 * 1024
@@ -154,7 +154,7 @@ class NginxCacheTests(TestCase):
         headers = Headers({b"Range": [range]} if range else {})
         url = b"http://127.0.0.1:%d%s" % (self.nginxPort, path)
         response = await self.agent.request(method, url, headers)
-        body = await readBody(response)
+        body = await readAll(response)
         return response, body
 
     async def settled(self):
@@ -233,7 +233,7 @@ class NginxCacheTests(TestCase):
             b"GET", b"http://127.0.0.1:%d%s" % (self.sitePort, path),
             Headers({b"Range": [range]} if range else {}),
         )
-        directBody = await readBody(direct)
+        directBody = await readAll(direct)
         response, body = await self.get(path, range=range)
         self.assertEqual((direct.code, response.code), (status, status))
         for name in (b"content-type", b"content-range"):
