@@ -46,7 +46,7 @@ http {{
 
 
 def nginxWithSlice() -> str:
-    nginx = need("nginx", "needed to test the nginx caching tier", "nginx-light")
+    nginx = need("nginx", "needed to test the nginx caching tier", "nginx")
     built = subprocess.run([nginx, "-V"], capture_output=True, text=True).stderr
     if "--with-http_slice_module" not in built:
         from twisted.trial.unittest import SkipTest
