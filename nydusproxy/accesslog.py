@@ -112,3 +112,15 @@ class JSONLine:
 
 
 LINES = {"combined": CombinedLine, "json": JSONLine}
+
+
+def formatOption(value: str) -> str:
+    """
+    The value of C{--access-log-format}.
+    """
+    if value not in FORMATS:
+        raise ValueError(f"one of {', '.join(FORMATS)}")
+    return value
+
+
+formatOption.coerceDoc = "One of: " + ", ".join(FORMATS) + "."  # type: ignore[attr-defined]

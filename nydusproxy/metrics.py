@@ -23,6 +23,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from . import errors
+from .site import BlobSite
 
 # Request durations in seconds: a 4 KiB chunk on a LAN takes about a
 # millisecond, a whole blob to a slow client minutes.
@@ -148,3 +149,11 @@ class MetricsSite(Resource):
         if request.postpath == [b"metrics"]:
             return self.page.render(request)
         return errors.writeError(request, errors.NAME_UNKNOWN)
+
+
+def metricsSite(metrics: Metrics, reactor=None) -> BlobSite:
+    """
+    The site of C{--metrics-listen}: C{/metrics} of C{metrics}, and nothing
+    else; its own requests are neither logged nor counted.
+    """
+    return BlobSite(MetricsSite(MetricsResource(metrics)), accessLog=False, reactor=reactor)

@@ -13,32 +13,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .accesslog import FORMATS
+from .accesslog import formatOption
 from .health import HealthResource
 from .site import BlobSite
 from .store import BlobStore
 from .web import BlobResource, RegistryResource
 
 DEFAULT_LISTEN = "tcp:8000"
-
-
-def _accessLogFormat(value: str) -> str:
-    if value not in FORMATS:
-        raise ValueError(f"one of {', '.join(FORMATS)}")
-    return value
-
-
-_accessLogFormat.coerceDoc = "One of: " + ", ".join(FORMATS) + "."  # type: ignore[attr-defined]
-
-
-def _checkEndpoint(option: str, description: str) -> str:
-    from twisted.internet import endpoints, reactor
-
-    try:
-        endpoints.serverFromString(reactor, description)
-    except Exception as e:
-        raise usage.UsageError(f"{option} {description!r}: {e}")
-    return description
 
 
 class Options(usage.Options):
@@ -54,7 +35,7 @@ class Options(usage.Options):
          "Range header with more is ignored (whole blob).", int],
         ["access-log-format", None, "combined", "Access log lines: combined "
          "(the combined log format) or json (one JSON object a line).",
-         _accessLogFormat],
+         formatOption],
     ]
     optFlags = [
         ["no-access-log", None, "Do not log a line per request."],
@@ -71,14 +52,26 @@ class Options(usage.Options):
         """
         Twisted endpoint to listen on (repeatable; default tcp:8000).
         """
-        self["listen"].append(_checkEndpoint("--listen", description))
+        from twisted.internet import endpoints, reactor
+
+        try:
+            endpoints.serverFromString(reactor, description)
+        except Exception as e:
+            raise usage.UsageError(f"--listen {description!r}: {e}")
+        self["listen"].append(description)
 
     def opt_metrics_listen(self, description: str) -> None:
         """
         Serve /metrics on this endpoint only, not on the blob site
         (implies --metrics).
         """
-        self["metrics-listen"] = _checkEndpoint("--metrics-listen", description)
+        from twisted.internet import endpoints, reactor
+
+        try:
+            endpoints.serverFromString(reactor, description)
+        except Exception as e:
+            raise usage.UsageError(f"--metrics-listen {description!r}: {e}")
+        self["metrics-listen"] = description
         self["metrics"] = 1
 
     def postOptions(self) -> None:
@@ -181,25 +174,15 @@ def loadMetrics():
     return Metrics()
 
 
-def buildMetricsSite(site: BlobSite, reactor=None) -> BlobSite:
-    """
-    The site of C{--metrics-listen}: C{/metrics} of C{site}'s counters, and
-    nothing else; its own requests are neither logged nor counted.
-    """
-    from .metrics import MetricsResource, MetricsSite
-
-    return BlobSite(
-        MetricsSite(MetricsResource(site.metrics)), accessLog=False, reactor=reactor
-    )
-
-
 def makeService(options: Options, reactor=None) -> service.IService:
     site = buildSite(options, reactor)
     listening = ListeningService()
     for description in options["listen"]:
         strports.service(description, site, reactor=reactor).setServiceParent(listening)
     if options["metrics-listen"]:
+        from .metrics import metricsSite
+
         strports.service(
-            options["metrics-listen"], buildMetricsSite(site, reactor), reactor=reactor
+            options["metrics-listen"], metricsSite(site.metrics, reactor), reactor=reactor
         ).setServiceParent(listening)
     return listening
