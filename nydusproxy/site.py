@@ -23,7 +23,7 @@ class AccessLoggingRequest(server.Request):
 
     def process(self) -> None:
         self.startedAt = monotonic()
-        metrics = self.channel.site.metrics
+        metrics = getattr(getattr(self.channel, "site", None), "metrics", None)
         if metrics is not None:
             metrics.requestStarted()
         super().process()
