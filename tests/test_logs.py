@@ -98,6 +98,10 @@ class LogrotateTests(LogTestCase):
         config = os.path.join(self.cwd, "logrotate.conf")
         with open(config, "w") as f:
             f.write(snippet.replace("/var/log/nydus-proxy/nydus-proxy.log {", f"{log} {{"))
+        # logrotate refuses a configuration or a log directory that others
+        # may write to, whatever this process's umask made them.
+        os.chmod(config, 0o644)
+        os.chmod(self.cwd, 0o755)
         with open(log, "ab") as out:
             Process(self, [*TWISTD, "--nodaemon", "--pidfile=", *self.plugin()],
                     log, cwd=self.cwd, stdout=out)
