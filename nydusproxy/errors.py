@@ -54,6 +54,8 @@ def writeError(request: IRequest, code: ErrorCode, detail: Any = None) -> bytes:
     C{render}.
     """
     body = errorBody(code, detail)
+    # For the access log and the metrics (site.py).
+    request.ociError = code.value
     request.setResponseCode(code.status)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", b"%d" % (len(body),))

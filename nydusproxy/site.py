@@ -1,29 +1,21 @@
 """
 The HTTP site: Twisted's, with an access log through C{twisted.logger}
-that also records how long each request took and the ones cut short.
+(combined log format or JSON lines) that also records how long each request
+took and the ones cut short, and the hooks that feed the metrics.
 """
 
 from __future__ import annotations
 
-from time import monotonic
+from time import monotonic, time
 
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
-_ACCESS_FORMAT = (
-    '{client} "{method} {uri} {protocol}" {status} {length} {duration:.6f}'
-    "{aborted}"
-)
+from .accesslog import LINES, text
 
-
-# A module-level Logger keeps its namespace; one stored as a class
-# attribute takes the class's name instead.
-accessLog = Logger(namespace="nydusproxy.access")
-
-
-def _text(value: bytes) -> str:
-    return value.decode("ascii", "backslashreplace")
+# Health probes come every few seconds: they are not access-logged.
+_QUIET_PATHS = frozenset({b"/healthz"})
 
 
 # The first byte of a TLS handshake record, which no HTTP request starts with.
@@ -35,6 +27,9 @@ class AccessLoggingRequest(server.Request):
 
     def process(self) -> None:
         self.startedAt = monotonic()
+        metrics = getattr(getattr(self.channel, "site", None), "metrics", None)
+        if metrics is not None:
+            metrics.requestStarted()
         super().process()
 
     def connectionLost(self, reason) -> None:
@@ -54,6 +49,16 @@ class BlobChannel(http.HTTPChannel):
 
     _host = None
     _started = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.site.metrics is not None:
+            self.site.metrics.connectionOpened()
+
+    def connectionLost(self, reason) -> None:
+        if self.site.metrics is not None:
+            self.site.metrics.connectionClosed()
+        super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._started:
@@ -86,7 +91,8 @@ class BlobSite(server.Site):
     """
     A L{server.Site} that writes one access line per request to the
     C{twisted.logger} log (twistd's log file), or none when C{accessLog} is
-    false.
+    false, and counts requests into C{metrics} (a L{nydusproxy.metrics.Metrics})
+    when it is given.
     """
 
     requestFactory = AccessLoggingRequest
@@ -94,25 +100,50 @@ class BlobSite(server.Site):
     # can switch to HTTP/2, which this server does not offer.
     protocol = BlobChannel
 
-    def __init__(self, resource: IResource, accessLog: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        resource: IResource,
+        accessLog: bool = True,
+        accessLogFormat: str = "combined",
+        metrics=None,
+        **kwargs,
+    ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.accessLog = accessLog
+        # An instance attribute: a Logger class attribute would log under
+        # the class's name, whatever namespace it was given.
+        self.accessLogger = Logger(namespace="nydusproxy.access", source=self)
+        self.accessLogFormat = accessLogFormat
+        self._line = LINES[accessLogFormat]
+        self.metrics = metrics
 
     def log(self, request) -> None:  # type: ignore[override]
         self.logAccess(request, aborted=False)
 
     def logAccess(self, request: AccessLoggingRequest, aborted: bool) -> None:
-        if not self.accessLog:
+        """
+        A request has ended, answered (C{aborted} false) or cut short by
+        the client leaving (C{aborted} true): count it and log it.
+        """
+        startedAt = request.startedAt
+        duration = 0.0 if startedAt is None else monotonic() - startedAt
+        if self.metrics is not None and startedAt is not None:
+            self.metrics.requestEnded(request, duration, aborted)
+        if not self.accessLog or request.path in _QUIET_PATHS:
             return
         address = request.getClientAddress()
-        accessLog.info(
-            _ACCESS_FORMAT,
-            client=getattr(address, "host", "-"),
-            method=_text(request.method),
-            uri=_text(request.uri),
-            protocol=_text(request.clientproto),
-            status=request.code,
-            length=request.sentLength,
-            duration=monotonic() - (request.startedAt or monotonic()),
-            aborted=" aborted" if aborted else "",
-        )
+        fields = {
+            "time": time(),
+            "client": getattr(address, "host", "-"),
+            "method": text(request.method),
+            "uri": text(request.uri),
+            "protocol": text(request.clientproto),
+            "status": request.code,
+            "bytes": request.sentLength,
+            "duration": duration,
+            "referer": text(request.getHeader(b"referer")),
+            "user_agent": text(request.getHeader(b"user-agent")),
+            "aborted": aborted,
+            "error": getattr(request, "ociError", None),
+        }
+        self.accessLogger.info("{access_line!s}", access_line=self._line(fields), **fields)

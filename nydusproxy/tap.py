@@ -18,6 +18,8 @@ from twisted.python import usage
 from .auth import Authenticator, CredentialsError, threadRunner
 from .images import ImageRoot
 from .registry import ImageRegistry
+from .accesslog import formatOption
+from .health import HealthResource
 from .site import BlobSite
 from .store import BlobStore
 from .web import BlobResource, RegistryResource
@@ -47,16 +49,22 @@ class Options(usage.Options):
          "hashes): blobs and /v2/ need HTTP Basic credentials from it."],
         ["token-file", None, None, "File of bearer tokens, one a line: blobs "
          "and /v2/ need one of them (nydusd's registry_token)."],
+        ["access-log-format", None, "combined", "Access log lines: combined "
+         "(the combined log format) or json (one JSON object a line).",
+         formatOption],
     ]
     optFlags = [
         ["no-access-log", None, "Do not log a line per request."],
         ["no-sendfile", None, "Send blobs through the transport's buffer "
          "instead of sendfile(2)."],
+        ["metrics", None, "Serve Prometheus metrics at /metrics (needs "
+         "the prometheus_client package)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["metrics-listen"] = None
         self.arguments: list[str] = []
 
     def parseOptions(self, options=None) -> None:
@@ -84,6 +92,14 @@ class Options(usage.Options):
         """
         self["listen"].append(description)
 
+    def opt_metrics_listen(self, description: str) -> None:
+        """
+        Serve /metrics on this endpoint only, not on the blob site
+        (implies --metrics).
+        """
+        self["metrics-listen"] = description
+        self["metrics"] = 1
+
     def postOptions(self) -> None:
         if not self["blobsdir"] and not self["images"]:
             raise usage.UsageError("--blobsdir DIR or --images ROOT is required")
@@ -99,9 +115,12 @@ class Options(usage.Options):
         allTCP = all(tcpAddress(description) for description in self["listen"])
         workers = self.get("workers", "auto")
         if workers == "auto":
-            workers = (os.cpu_count() or 1) if allTCP else 1
+            workers = (os.cpu_count() or 1) if allTCP and not self["metrics"] else 1
         elif workers > 1 and not allTCP:
             raise usage.UsageError("--workers above 1 needs tcp: or tcp6: --listen endpoints")
+        elif workers > 1 and self["metrics"]:
+            # Each worker would count only the requests it served.
+            raise usage.UsageError("--metrics needs --workers 1")
         self["workers"] = workers
         for name in ("htpasswd", "token-file"):
             if self[name] is not None:
@@ -219,11 +238,36 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
         sendTimeout=options["send-timeout"],
     )
     auth = openAuthenticator(options, reactor)
+    pages = {b"healthz": HealthResource(store or BlobStore(options["images"]))}
+    metrics = None
+    if options["metrics"]:
+        metrics = loadMetrics()
+        if not options["metrics-listen"]:
+            from .metrics import MetricsResource
+
+            pages[b"metrics"] = MetricsResource(metrics)
     return BlobSite(
-        RegistryResource(blobs, images, auth),
+        RegistryResource(blobs, pages, images, auth),
         accessLog=not options["no-access-log"],
+        accessLogFormat=options["access-log-format"],
+        metrics=metrics,
         reactor=reactor,
     )
+
+
+def loadMetrics():
+    """
+    A new L{nydusproxy.metrics.Metrics}, or a L{StartupError} when
+    prometheus_client is not installed.
+    """
+    try:
+        from .metrics import Metrics
+    except ImportError as e:
+        raise StartupError(
+            f"--metrics needs the prometheus_client package ({e}): "
+            "pip install 'nydus-proxy[metrics]'"
+        ) from None
+    return Metrics()
 
 
 def listeningServices(site: BlobSite, services) -> ListeningService:
@@ -253,7 +297,7 @@ def checkEndpoints(descriptions: list[str], reactor) -> None:
                 ) from None
             raise StartupError(f"--listen {description!r}: {e}") from None
         except Exception as e:
-            raise StartupError(f"--listen {description!r}: {e}") from None
+            raise StartupError(f"endpoint {description!r}: {e}") from None
 
 
 def raiseOpenFileLimit() -> None:
@@ -267,14 +311,23 @@ def raiseOpenFileLimit() -> None:
 
 
 def makeService(options: Options, reactor=None) -> service.IService:
-    checkEndpoints(options["listen"], reactor)
+    metricsListen = [options["metrics-listen"]] if options["metrics-listen"] else []
+    checkEndpoints(options["listen"] + metricsListen, reactor)
     raiseOpenFileLimit()
     # Built here in every case, so that a bad directory stops the start.
     site = buildSite(options, reactor)
     if options["workers"] > 1:
         return listeningServices(site, [WorkerSupervisor(options, reactor)])
-    return listeningServices(
-        site,
-        (strports.service(description, site, reactor=reactor)
-         for description in options["listen"]),
-    )
+    services = [
+        strports.service(description, site, reactor=reactor)
+        for description in options["listen"]
+    ]
+    if options["metrics-listen"]:
+        from .metrics import metricsSite
+
+        services.append(
+            strports.service(
+                options["metrics-listen"], metricsSite(site.metrics, reactor), reactor=reactor
+            )
+        )
+    return listeningServices(site, services)

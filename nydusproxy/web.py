@@ -208,17 +208,24 @@ class RegistryResource(Resource):
       - either form with a bare 64-hex id in place of the digest, as
         nydusd's http-proxy backend asks.
 
-    Everything else is a JSON error.  With an C{auth}, the registry routes
-    need credentials (see L{nydusproxy.auth}).
+    Everything else is a JSON error.  C{pages} adds one-segment paths
+    answered before any of this, and without credentials: C{/healthz},
+    C{/metrics}.  With an C{auth}, the registry routes need credentials
+    (see L{nydusproxy.auth}).
     """
 
     isLeaf = True
     log = Logger()
 
     def __init__(
-        self, blobs: BlobResource, images=None, auth: Authenticator | None = None
+        self,
+        blobs: BlobResource,
+        pages: dict | None = None,
+        images=None,
+        auth: Authenticator | None = None,
     ) -> None:
         """
+        @param pages: resources answering one-segment paths, by segment.
         @param images: the routes of C{--images}
             (L{nydusproxy.registry.ImageRegistry}), if given.
         @param auth: the check of C{--htpasswd} and C{--token-file}, if
@@ -226,6 +233,7 @@ class RegistryResource(Resource):
         """
         super().__init__()
         self.blobs = blobs
+        self.pages = pages or {}
         self.images = images
         self.auth = auth
 
@@ -245,11 +253,15 @@ class RegistryResource(Resource):
             return errors.writeError(request, errors.UNKNOWN)
 
     def _route(self, request: IRequest) -> bytes | int:
+        segments = request.postpath
+        # /healthz (and /metrics, when on this site) come first and stay
+        # outside any auth check: probes and scrapers carry no credentials.
+        if len(segments) == 1 and segments[0] in self.pages:
+            return self.pages[segments[0]].render(request)
         if self.auth is not None:
             answer = self.auth.guard(request, self.render)
             if answer is not None:
                 return answer
-        segments = request.postpath
         underV2 = bool(segments) and segments[0] == b"v2"
         path = segments[1:] if underV2 else segments
         readMethod = request.method in _READ_METHODS

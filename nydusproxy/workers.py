@@ -30,7 +30,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-from twisted.logger import InvalidLogLevelError, Logger, LogLevel, formatEvent
+from twisted.logger import Logger, eventAsJSON, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
 RESTART_DELAY = 1.0
@@ -121,7 +121,6 @@ class WorkerSupervisor(service.Service):
         self.identity = _shedIdentity(getattr(options, "parent", None))
         self.sockets: list[list[socket.socket]] = []
         self.workers: dict[int, _WorkerProtocol] = {}
-        self._loggers: dict[str, Logger] = {}
 
     def privilegedStartService(self) -> None:
         from .tap import StartupError
@@ -173,18 +172,16 @@ class WorkerSupervisor(service.Service):
 
     def relay(self, index: int, line: bytes) -> None:
         """
-        Write a worker's log event to this process's log.
+        Publish a worker's log event in this process, as if logged here:
+        twistd's log, and any --logger observer, see all its fields.
         """
         try:
-            namespace, level, text = line.decode("utf-8").split("\t", 2)
-            logLevel = LogLevel.levelWithName(level)
-        except (ValueError, InvalidLogLevelError):
-            namespace, logLevel = "nydusproxy.workers", LogLevel.info
-            text = line.decode("utf-8", "replace")
-        logger = self._loggers.get(namespace)
-        if logger is None:
-            logger = self._loggers[namespace] = Logger(namespace=namespace)
-        logger.emit(logLevel, "{text}", text=text.replace("\x1f", "\n"), worker=index)
+            event = eventFromJSON(line.decode("utf-8"))
+        except ValueError:
+            self.log.info("worker {index}: {line}", index=index, line=line.decode("utf-8", "replace"))
+            return
+        event["worker"] = index
+        globalLogPublisher(event)
 
     def workerEnded(self, worker: _WorkerProtocol, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
@@ -264,15 +261,20 @@ class _SupervisorLink(protocol.Protocol):
 
 
 def _lineObserver(output):
+    """
+    Write each event as a line of JSON for the supervisor.  Access lines
+    render themselves only when formatted, so they go rendered.
+    """
+    from .accesslog import LINES
+
+    lineTypes = tuple(LINES.values())
+
     def observe(event: dict) -> None:
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text += "\n" + failure.getTraceback()
-        level = event.get("log_level", LogLevel.info)
-        namespace = event.get("log_namespace", "-")
-        line = f"{namespace}\t{level.name}\t{text.replace(chr(10), chr(31))}\n"
-        output.write(line)
+        event = {
+            key: str(value) if isinstance(value, lineTypes) else value
+            for key, value in event.items()
+        }
+        output.write(eventAsJSON(event) + "\n")
         output.flush()
 
     return observe

@@ -33,6 +33,9 @@ def defaults(**changes):
         "workers": os.cpu_count(),
         "htpasswd": None,
         "token-file": None,
+        "access-log-format": "combined",
+        "metrics": 0,
+        "metrics-listen": None,
     }
     for name, value in changes.items():
         key = name.replace("_", "-")
@@ -71,6 +74,8 @@ class OptionsTests(SynchronousTestCase):
                 "--send-timeout", "5",
                 "--htpasswd", "users.htpasswd",
                 "--token-file", "tokens",
+                "--access-log-format", "json",
+                "--metrics-listen", "tcp:9100:interface=127.0.0.1",
             ]
         )
         self.assertEqual(
@@ -85,6 +90,9 @@ class OptionsTests(SynchronousTestCase):
                 workers=1,
                 htpasswd=os.path.abspath("users.htpasswd"),
                 token_file=os.path.abspath("tokens"),
+                access_log_format="json",
+                metrics=1,
+                metrics_listen="tcp:9100:interface=127.0.0.1",
             ),
         )
 

@@ -6,7 +6,6 @@ registry clients that try https first fall back to http without waiting.
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from nydusproxy import site
 
 from .support import InMemoryServer, makeBlobDir, sha256
 
@@ -18,8 +17,8 @@ CLIENT_HELLO = bytes.fromhex("160301010901000105030377") + bytes(range(14, 200))
 class TLSProbeTests(SynchronousTestCase):
     def setUp(self):
         self.events = []
-        self.patch(site, "accessLog", Logger(observer=self.events.append))
         self.server = InMemoryServer(makeBlobDir(self, [b"blob"]))
+        self.server.site.accessLogger = Logger(observer=self.events.append)
 
     def test_handshakeAnswered(self):
         """

@@ -245,7 +245,7 @@ class TransferTestsMixin:
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         await self.fetch(range=b"bytes=0-2097151")
-        lengths = [e["length"] for e in events if "length" in e and "status" in e]
+        lengths = [e["bytes"] for e in events if e.get("log_namespace") == "nydusproxy.access"]
         self.assertEqual(lengths, [2097152])
 
 

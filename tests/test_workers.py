@@ -82,8 +82,10 @@ class SupervisorTests(E2EMixin, SynchronousTestCase):
             connection.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
             self.assertIn(b"200 OK", connection.recv(4096))
         gained = {worker: socketCount(worker) - before[worker] for worker in workers}
-        self.assertEqual(sum(gained.values()), 32, gained)
-        self.assertTrue(all(gained.values()), gained)
+        # Counted from outside while the workers run: allow one socket of
+        # their own opening or closing meanwhile.
+        self.assertIn(sum(gained.values()), (31, 32, 33), gained)
+        self.assertTrue(all(count >= 1 for count in gained.values()), gained)
 
     def test_restartsDeadWorker(self):
         """
