@@ -129,3 +129,41 @@ class SupervisorTests(E2EMixin, SynchronousTestCase):
             lambda: f"workers left: {workers}",
             30,
         )
+
+
+class EventLineTests(SynchronousTestCase):
+    def test_roundTrip(self):
+        """
+        An event crosses from a worker to the supervisor with its fields,
+        its level and its text; an access line goes rendered; a failure
+        goes as its traceback.
+        """
+        from twisted.logger import LogLevel, formatEvent
+        from twisted.python.failure import Failure
+
+        from nydusproxy.accesslog import CombinedLine
+        from nydusproxy.workers import _eventAsLine, _eventFromLine
+
+        fields = {"time": 0.0, "client": "127.0.0.1", "method": "GET", "uri": "/v2/",
+                  "protocol": "HTTP/1.1", "status": 200, "bytes": 2, "duration": 0.5,
+                  "referer": None, "user_agent": None}
+        event = {"log_format": "{access_line!s}", "access_line": CombinedLine(fields),
+                 "log_level": LogLevel.info, "log_namespace": "nydusproxy.access",
+                 "log_logger": object(), **fields}
+        relayed = _eventFromLine(_eventAsLine(event).encode())
+        self.assertEqual(formatEvent(relayed), str(CombinedLine(fields)))
+        self.assertIs(relayed["log_level"], LogLevel.info)
+        self.assertEqual((relayed["status"], relayed["referer"]), (200, None))
+        self.assertNotIn("log_logger", relayed)
+
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        broken = {"log_format": "it broke: {what}", "what": "x", "log_failure": failure,
+                  "log_level": LogLevel.critical, "log_namespace": "n"}
+        relayed = _eventFromLine(_eventAsLine(broken).encode())
+        self.assertIs(relayed["log_level"], LogLevel.critical)
+        text = formatEvent(relayed)
+        self.assertTrue(text.startswith("it broke: x\n"), text)
+        self.assertIn("ZeroDivisionError", text)
