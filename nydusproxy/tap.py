@@ -13,8 +13,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
+from . import limits
+from .shutdown import GracefulShutdown
 from .site import BlobSite
 from .store import BlobStore
+from .verify import DigestVerifier
 from .web import BlobResource, RegistryResource
 
 DEFAULT_LISTEN = "tcp:8000"
@@ -31,9 +34,12 @@ class Options(usage.Options):
         ["blobsdir", "b", None, "Directory of blob files, named by their 64-hex id."],
         ["max-ranges", None, 16, "Most ranges served from one request; a "
          "Range header with more is ignored (whole blob).", int],
+        *limits.optParameters,
     ]
     optFlags = [
         ["no-access-log", None, "Do not log a line per request."],
+        ["verify-digest", None, "Serve a blob only if its bytes hash to its "
+         "digest (hashed once per file, off the reactor thread)."],
     ]
 
     def __init__(self) -> None:
@@ -58,6 +64,7 @@ class Options(usage.Options):
         self["blobsdir"] = os.path.abspath(self["blobsdir"])
         if self["max-ranges"] < 1:
             raise usage.UsageError("--max-ranges must be at least 1")
+        limits.checkOptions(self)
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
 
@@ -120,14 +127,21 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
         reactor = globalReactor
     store = openBlobStore(options["blobsdir"])
     blobs = BlobResource(store, reactor, options["max-ranges"])
-    return BlobSite(
+    if options["verify-digest"]:
+        blobs.verifier = DigestVerifier(reactor)
+    site = BlobSite(
         RegistryResource(blobs), accessLog=not options["no-access-log"], reactor=reactor
     )
+    site.connections = limits.install(site, limits.fromOptions(options))
+    return site
 
 
 def makeService(options: Options, reactor=None) -> service.IService:
     site = buildSite(options, reactor)
+    limits.raiseFileLimit(site.connections.limits)
     listening = ListeningService()
+    # First in, last stopped: the ports stop accepting before the drain.
+    GracefulShutdown(site.connections, options["shutdown-timeout"]).setServiceParent(listening)
     for description in options["listen"]:
         strports.service(description, site, reactor=reactor).setServiceParent(listening)
     return listening

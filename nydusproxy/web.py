@@ -39,6 +39,9 @@ class BlobResource:
     """
 
     log = Logger()
+    # With --verify-digest, a verify.DigestVerifier that answers only for
+    # blobs whose bytes match their digest.
+    verifier = None
 
     def __init__(self, store: BlobStore, clock: IReactorTime, maxRanges: int) -> None:
         self.store = store
@@ -60,6 +63,10 @@ class BlobResource:
             )
         fd, status = found
         try:
+            if self.verifier is not None:
+                return self.verifier.serve(
+                    request, algorithm, hexdigest, digest, fd, status, self._respond
+                )
             return self._respond(request, fd, status.st_size, digest)
         except BaseException:
             os.close(fd)

@@ -36,6 +36,13 @@ class OptionsTests(SynchronousTestCase):
                 "listen": ["tcp:8000"],
                 "max-ranges": 16,
                 "no-access-log": 0,
+                "idle-timeout": 60.0,
+                "header-timeout": 10.0,
+                "max-header-bytes": 16384,
+                "max-connections": 1024,
+                "max-connections-per-client": 128,
+                "shutdown-timeout": 10.0,
+                "verify-digest": 0,
             },
         )
 
@@ -51,6 +58,13 @@ class OptionsTests(SynchronousTestCase):
                 "--listen", "unix:/tmp/nydus-proxy-test.sock",
                 "--max-ranges", "4",
                 "--no-access-log",
+                "--idle-timeout", "30",
+                "--header-timeout", "2.5",
+                "--max-header-bytes", "8192",
+                "--max-connections", "100",
+                "--max-connections-per-client", "10",
+                "--shutdown-timeout", "0.5",
+                "--verify-digest",
             ]
         )
         self.assertEqual(
@@ -60,6 +74,13 @@ class OptionsTests(SynchronousTestCase):
                 "listen": ["tcp:8001:interface=127.0.0.1", "unix:/tmp/nydus-proxy-test.sock"],
                 "max-ranges": 4,
                 "no-access-log": 1,
+                "idle-timeout": 30.0,
+                "header-timeout": 2.5,
+                "max-header-bytes": 8192,
+                "max-connections": 100,
+                "max-connections-per-client": 10,
+                "shutdown-timeout": 0.5,
+                "verify-digest": 1,
             },
         )
 

@@ -1,0 +1,475 @@
+"""
+Limits on what one client, or all of them, can hold of the server: how long
+a request may take to arrive, how large its head may be, how long a
+connection may sit idle or unread, and how many connections are open.
+
+Twisted's L{HTTPChannel} already has an idle timeout, but it restarts on
+every byte received, so a client that sends one byte a minute keeps a
+socket for ever, and it is switched off while a response is being sent, so
+a client that stops reading keeps its socket and its blob's file open for
+ever.  L{LimitedHTTPChannel} adds the missing deadlines.  The connection
+counts live in the protocol that wraps every channel, so the channel's
+transport stays the real socket: back-pressure from the socket reaches the
+blob producer as before, and C{getClientAddress} is unchanged.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web import http
+
+from . import errors
+
+# The protocol errors of this module are not in the distribution spec's
+# table, which describes refusals of valid requests; DENIED is the nearest
+# code, and the status and message say what happened.
+REQUEST_TIMEOUT = errors.ErrorCode(
+    "DENIED", "request not received in time", 408
+)
+URI_TOO_LONG = errors.ErrorCode("DENIED", "request line too long", 414)
+HEADERS_TOO_LARGE = errors.ErrorCode(
+    "DENIED", "request header fields too large", 431
+)
+
+_log = Logger()
+
+_REASONS = {
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    The limits of one site, from the command line.
+
+    @ivar idleTimeout: seconds a connection may send nothing between
+        requests, or leave a response unread, before it is closed.
+    @ivar headerTimeout: seconds from the first byte of a request to its
+        last (request line, headers, and any body, which this server never
+        reads).
+    @ivar maxHeaderBytes: the most bytes of request line and headers.
+    @ivar maxConnections: the most connections open at once.
+    @ivar maxConnectionsPerClient: the most connections from one address.
+    """
+
+    idleTimeout: float = 60
+    headerTimeout: float = 10
+    maxHeaderBytes: int = 16384
+    maxConnections: int = 1024
+    maxConnectionsPerClient: int = 128
+
+
+# The command line options of the limits, for tap.Options: name, default,
+# help, type.  Each must be positive.
+optParameters = [
+    ["idle-timeout", None, 60.0, "Seconds a connection may send nothing "
+     "between requests, or leave a response unread, before it is closed.", float],
+    ["header-timeout", None, 10.0, "Seconds a client has, from its first "
+     "byte, to send a whole request.", float],
+    ["max-header-bytes", None, 16384, "Most bytes of request line and "
+     "headers; more is answered 414 or 431.", int],
+    ["max-connections", None, 1024, "Most connections open at once; more "
+     "are closed at once.", int],
+    ["max-connections-per-client", None, 128, "Most connections open at "
+     "once from one client address; more are closed at once.", int],
+    ["shutdown-timeout", None, 10.0, "Seconds a stopping server lets "
+     "responses in flight finish before it closes them.", float],
+]
+
+# The smallest head that holds a request line of a blob path.
+_MIN_HEADER_BYTES = 256
+
+
+def checkOptions(options: usage.Options) -> None:
+    """
+    @raise usage.UsageError: a limit is out of range.
+    """
+    for name, *_ in optParameters:
+        value = options[name]
+        if not value > 0 or value == float("inf"):
+            raise usage.UsageError(f"--{name} must be a positive number")
+    if options["max-header-bytes"] < _MIN_HEADER_BYTES:
+        raise usage.UsageError(f"--max-header-bytes must be at least {_MIN_HEADER_BYTES}")
+
+
+def fromOptions(options: usage.Options) -> Limits:
+    return Limits(
+        idleTimeout=options["idle-timeout"],
+        headerTimeout=options["header-timeout"],
+        maxHeaderBytes=options["max-header-bytes"],
+        maxConnections=options["max-connections"],
+        maxConnectionsPerClient=options["max-connections-per-client"],
+    )
+
+
+def errorResponse(code: errors.ErrorCode, detail: Any = None) -> bytes:
+    """
+    A whole HTTP/1.1 error response that closes the connection, for errors
+    found before there is a request to answer through.
+    """
+    body = errors.errorBody(code, detail)
+    return (
+        b"HTTP/1.1 %d %s\r\n"
+        b"Connection: close\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"%s: %s\r\n"
+        b"\r\n%s"
+        % (
+            code.status,
+            _REASONS[code.status],
+            len(body),
+            errors.API_VERSION_HEADER,
+            errors.API_VERSION,
+            body,
+        )
+    )
+
+
+class LimitedHTTPChannel(http.HTTPChannel):
+    """
+    An L{HTTPChannel} with a deadline for each request to arrive, a cap on
+    the size of its head answered with a JSON 414 or 431, and a deadline
+    for a client that stops reading a response.
+
+    A refused client gets its answer, then the server stops sending
+    (half-close) and discards what the client still sends for up to
+    C{lingerTime} seconds before closing: closing at once with unread
+    input would reset the connection and could destroy the answer before
+    the client reads it.
+    """
+
+    lingerTime = 2.0
+    _log = Logger()
+
+    def __init__(self, limits: Limits) -> None:
+        super().__init__()
+        self.limits = limits
+        # Twisted's own caps: the longest line, and the whole head (which
+        # it answers with a bare 400).  Ours are checked first.
+        self.MAX_LENGTH = limits.maxHeaderBytes
+        self.totalHeadersSize = limits.maxHeaderBytes
+        self.busy = False
+        self._refused = False
+        self._headBytes = 0
+        self._headLines = 0
+        self._deadline: IDelayedCall | None = None
+        self._stall: IDelayedCall | None = None
+        self._linger: IDelayedCall | None = None
+
+    # Receiving a request.
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        # Line mode means a request's head is being read; the clock starts
+        # at its first byte, including bytes of a pipelined request that
+        # were held while the previous one was answered.
+        if self._deadline is None and self.line_mode and data:
+            self._deadline = self.callLater(
+                self.limits.headerTimeout, self._requestTimedOut
+            )
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        self._headBytes += len(line) + len(self.delimiter)
+        if self._headBytes > self.limits.maxHeaderBytes:
+            self._refuse(HEADERS_TOO_LARGE if self._headLines else URI_TOO_LONG)
+            return
+        self._headLines += 1
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(HEADERS_TOO_LARGE if self._headLines else URI_TOO_LONG)
+
+    def allContentReceived(self) -> None:
+        self._cancel("_deadline")
+        self._headBytes = self._headLines = 0
+        self.busy = True
+        super().allContentReceived()
+
+    def requestDone(self, request) -> None:
+        self.busy = False
+        super().requestDone(request)
+
+    def _requestTimedOut(self) -> None:
+        self._deadline = None
+        self._log.info(
+            "Request from {peer} not received within {timeout} s; closing",
+            peer=str(self.transport.getPeer()),
+            timeout=self.limits.headerTimeout,
+        )
+        self._refuse(REQUEST_TIMEOUT)
+
+    def _refuse(self, code: errors.ErrorCode) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel("_deadline")
+        self.setTimeout(None)
+        self.clearLineBuffer()
+        self._networkProducer.unregisterProducer()
+        self.transport.write(errorResponse(code))
+        halfClose = getattr(self.transport, "loseWriteConnection", None)
+        if halfClose is None:
+            self.transport.loseConnection()
+            return
+        halfClose()
+        self._linger = self.callLater(self.lingerTime, self._endLinger)
+
+    def _endLinger(self) -> None:
+        self._linger = None
+        self.abort()
+
+    # Sending a response.
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        if self._stall is None and self.busy:
+            self._stall = self.callLater(self.limits.idleTimeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self._cancel("_stall")
+        super().resumeProducing()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self._log.info(
+            "Client {peer} read nothing for {timeout} s; closing",
+            peer=str(self.transport.getPeer()),
+            timeout=self.limits.idleTimeout,
+        )
+        self.abort()
+
+    # The end of the connection.
+
+    def shutdown(self) -> None:
+        """
+        The server is stopping: close the connection now if no response is
+        in flight, else once the one in flight is sent.
+        """
+        if self.busy:
+            self.persistent = False
+        else:
+            self.loseConnection()
+
+    def abort(self) -> None:
+        """
+        Close the connection at once, dropping anything not yet sent.
+        """
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        for name in ("_deadline", "_stall", "_linger"):
+            self._cancel(name)
+        super().connectionLost(reason)
+
+    def _cancel(self, name: str) -> None:
+        call = getattr(self, name)
+        if call is not None:
+            setattr(self, name, None)
+            if call.active():
+                call.cancel()
+
+
+class LimitedProtocol(http._GenericHTTPChannelProtocol):
+    """
+    What a site builds for each connection: Twisted's own wrapper of the
+    HTTP channel (which would switch to HTTP/2 when TLS negotiates it),
+    admitting the connection only while the limits of L{Connections} allow
+    it; a connection over the limits is closed at once.
+    """
+
+    def __init__(self, channel: LimitedHTTPChannel, connections: Connections) -> None:
+        super().__init__(channel)
+        self.channel = channel
+        self.connections = connections
+        self.admitted = False
+
+    def makeConnection(self, transport) -> None:
+        if not self.connections.admit(self, transport.getPeer()):
+            transport.loseConnection()
+            return
+        self.admitted = True
+        super().makeConnection(transport)
+
+    def connectionLost(self, reason) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.connections.release(self)
+            super().connectionLost(reason)
+
+
+def _clientKey(address: IAddress) -> str | None:
+    # IPv4 and IPv6 peers are counted per host; local (UNIX socket) peers
+    # are all the same machine, and count only towards the total.
+    return getattr(address, "host", None)
+
+
+class Connections:
+    """
+    The open connections of a site: counted in total and per client
+    address, and closed in order when the server stops.
+    """
+
+    log = Logger()
+
+    def __init__(self, limits: Limits, clock: IReactorTime) -> None:
+        self.limits = limits
+        self.clock = clock
+        self.open: dict[LimitedProtocol, str | None] = {}
+        self.perClient: dict[str, int] = {}
+        self.refused = 0
+        self.draining = False
+        self._drained: list[Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+    def admit(self, protocol: LimitedProtocol, peer: IAddress) -> bool:
+        key = _clientKey(peer)
+        if self.draining:
+            return False
+        if len(self.open) >= self.limits.maxConnections:
+            return self._refuse(peer, "open connections", self.limits.maxConnections)
+        if key is not None and self.perClient.get(key, 0) >= self.limits.maxConnectionsPerClient:
+            return self._refuse(
+                peer, "connections from one client", self.limits.maxConnectionsPerClient
+            )
+        if self.refused:
+            self.log.info(
+                "Accepting connections again; {count} refused at the limit",
+                count=self.refused,
+            )
+            self.refused = 0
+        self.open[protocol] = key
+        if key is not None:
+            self.perClient[key] = self.perClient.get(key, 0) + 1
+        return True
+
+    def _refuse(self, peer: IAddress, what: str, limit: int) -> bool:
+        # One line when the limit is first reached, one when it is left.
+        if not self.refused:
+            self.log.warn(
+                "Limit of {limit} {what} reached: refusing {peer} and further "
+                "connections over the limit",
+                limit=limit,
+                what=what,
+                peer=str(peer),
+            )
+        self.refused += 1
+        return False
+
+    def release(self, protocol: LimitedProtocol) -> None:
+        key = self.open.pop(protocol, None)
+        if key is not None:
+            left = self.perClient[key] - 1
+            if left:
+                self.perClient[key] = left
+            else:
+                del self.perClient[key]
+        if self.draining and not self.open:
+            self._fireDrained()
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Refuse new connections, close the idle ones, let the responses in
+        flight finish, and close whatever is still open after C{timeout}
+        seconds.
+
+        @return: a L{Deferred} that fires once no connection is open.
+        """
+        self.draining = True
+        for protocol in list(self.open):
+            protocol.channel.shutdown()
+        if not self.open:
+            return succeed(None)
+        self.log.info(
+            "Stopping: waiting up to {timeout} s for {count} connection(s) to "
+            "finish their responses",
+            timeout=timeout,
+            count=len(self.open),
+        )
+        done: Deferred[None] = Deferred()
+        self._drained.append(done)
+        timer = self.clock.callLater(timeout, self._closeRest)
+
+        def cancelTimer(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return done.addBoth(cancelTimer)
+
+    def _closeRest(self) -> None:
+        self.log.warn(
+            "Stopping: closing {count} connection(s) still sending after the "
+            "shutdown timeout",
+            count=len(self.open),
+        )
+        for protocol in list(self.open):
+            protocol.channel.abort()
+        self._fireDrained()
+
+    def _fireDrained(self) -> None:
+        drained, self._drained = self._drained, []
+        for done in drained:
+            done.callback(None)
+
+
+def install(site: http.HTTPFactory, limits: Limits) -> Connections:
+    """
+    Put C{limits} on C{site}: its idle timeout, and the channel and
+    connection counting of this module.
+
+    @return: the site's open connections.
+    """
+    connections = Connections(limits, site.reactor)
+    site.timeOut = limits.idleTimeout
+
+    def buildProtocol() -> LimitedProtocol:
+        return LimitedProtocol(LimitedHTTPChannel(limits), connections)
+
+    site.protocol = buildProtocol  # type: ignore[assignment]
+    return connections
+
+
+def raiseFileLimit(limits: Limits) -> None:
+    """
+    Each connection may hold a socket and an open blob: raise the soft
+    limit of open files towards what C{maxConnections} needs, as far as
+    the hard limit allows, and say so when that is not enough.
+    """
+    needed = 2 * limits.maxConnections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        _log.warn(
+            "Only {soft} open files allowed; --max-connections {count} may "
+            "need {needed}",
+            soft=soft,
+            count=limits.maxConnections,
+            needed=needed,
+        )
