@@ -401,10 +401,10 @@ class Connections:
         if not self.open:
             return succeed(None)
         self.log.info(
-            "Stopping: waiting up to {timeout} s for {count} connection(s) to "
-            "finish their responses",
+            "Stopping: waiting up to {timeout} s for {count} response(s) in "
+            "flight",
             timeout=timeout,
-            count=len(self.open),
+            count=sum(protocol.channel.busy for protocol in self.open),
         )
         done: Deferred[None] = Deferred()
         self._drained.append(done)
