@@ -37,11 +37,13 @@ URI_TOO_LONG = errors.ErrorCode("DENIED", "request line too long", 414)
 HEADERS_TOO_LARGE = errors.ErrorCode(
     "DENIED", "request header fields too large", 431
 )
+BODY_TOO_LARGE = errors.ErrorCode("DENIED", "request body too large", 413)
 
 _log = Logger()
 
 _REASONS = {
     408: b"Request Timeout",
+    413: b"Content Too Large",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
 }
@@ -139,8 +141,9 @@ def errorResponse(code: errors.ErrorCode, detail: Any = None) -> bytes:
 class LimitedHTTPChannel(http.HTTPChannel):
     """
     An L{HTTPChannel} with a deadline for each request to arrive, a cap on
-    the size of its head answered with a JSON 414 or 431, and a deadline
-    for a client that stops reading a response.
+    the size of its head answered with a JSON 414 or 431 (and 413 for a
+    body larger than that, or chunked), and a deadline for a client that
+    stops reading a response.
 
     A refused client gets its answer, then the server stops sending
     (half-close) and discards what the client still sends for up to
@@ -194,7 +197,16 @@ class LimitedHTTPChannel(http.HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse(HEADERS_TOO_LARGE if self._headLines else URI_TOO_LONG)
 
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        # No request this server answers has a body: refuse to store a
+        # large or chunked one (Twisted would spool it to a file).
+        if self.length is None or self.length > self.limits.maxHeaderBytes:
+            self._refuse(BODY_TOO_LARGE)
+
     def allContentReceived(self) -> None:
+        if self._refused:
+            return
         self._cancel("_deadline")
         self._headBytes = self._headLines = 0
         self.busy = True

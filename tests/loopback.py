@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 
 from .support import Response
 
@@ -36,6 +37,17 @@ def listen(testCase, site) -> int:
 
     testCase.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
     return port.getHost().port
+
+
+def captureLogs(testCase) -> list[str]:
+    """
+    The text of every event logged during the test.
+    """
+    lines: list[str] = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    testCase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return lines
 
 
 def pause(seconds: float) -> Deferred:

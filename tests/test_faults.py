@@ -16,12 +16,11 @@ import tempfile
 import time
 
 from twisted.logger import globalLogPublisher, textFileLogObserver
-from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nydusproxy import producer, tap
 
-from .loopback import connect, fetch, listen, parseResponse, pause, request, waitFor
+from .loopback import captureLogs, connect, fetch, listen, parseResponse, pause, request
 from .support import assertErrorCode, makeBlobDir, makeOptions, sha256
 
 MiB = 1024 * 1024
@@ -33,19 +32,6 @@ def bigBlob(mebibytes: int) -> bytes:
     """
     base = os.urandom(MiB)
     return b"".join(i.to_bytes(8, "big") + base[8:] for i in range(mebibytes))
-
-
-def captureLogs(testCase) -> list[str]:
-    """
-    The text of every event logged during the test.
-    """
-    from twisted.logger import formatEvent
-
-    lines: list[str] = []
-    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
-    globalLogPublisher.addObserver(observer)
-    testCase.addCleanup(globalLogPublisher.removeObserver, observer)
-    return lines
 
 
 def blobPath(data: bytes) -> bytes:

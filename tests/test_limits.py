@@ -15,9 +15,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from nydusproxy import tap
+from nydusproxy import limits, tap
 
-from .loopback import connect, fetch, listen, parseResponse, pause, request, waitFor
+from .loopback import captureLogs, connect, fetch, listen, parseResponse, pause, request, waitFor
 from .support import InMemoryServer, makeBlobDir, makeOptions, parseResponses, sha256
 
 BLOB = os.urandom(1024 * 1024 + 3)
@@ -167,6 +167,41 @@ class HeadSizeTests(SynchronousTestCase):
         self.assertEqual((response.status, response.body), (206, BLOB[:10]))
         over = head[:-2] + b"X-Pad: p" + padding[7:] + b"\r\n"
         assertRefused(self, self.send(over).value(), 431, "request header fields too large")
+
+
+class BodyTests(SynchronousTestCase):
+    def setUp(self):
+        self.server = InMemoryServer(makeBlobDir(self, [BLOB]), "--max-header-bytes", "1024")
+
+    def send(self, data):
+        protocol, transport = connectFrom(self.server)
+        protocol.dataReceived(data)
+        runTurns(self.server)
+        return transport
+
+    def test_largeBodyRefused(self):
+        """
+        A body larger than --max-header-bytes, or a chunked one, is refused
+        with 413 before it is stored, and the connection closed.
+        """
+        for headers, body in (
+            (b"Content-Length: 100000\r\n", b"x" * 5000),
+            (b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
+        ):
+            transport = self.send(b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\n" + headers + b"\r\n" + body)
+            assertRefused(self, transport.value(), 413, "request body too large")
+            self.assertTrue(transport.disconnecting)
+
+    def test_smallBody(self):
+        """
+        A small body is read, and the request answered as usual.
+        """
+        transport = self.send(
+            b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello" + GET_BLOB
+        )
+        post, get = parseResponses(transport.value(), [b"POST", b"GET"])
+        self.assertEqual(post.status, 405)
+        self.assertEqual(get.body, BLOB)
 
 
 class IdleTests(SynchronousTestCase):
@@ -390,6 +425,41 @@ class OptionTests(SynchronousTestCase):
             self.assertRaises(
                 tap.usage.UsageError, makeOptions, blobsdir, option, value
             )
+
+
+class FileLimitTests(SynchronousTestCase):
+    def setUp(self):
+        self.calls = []
+        self.logs = captureLogs(self)
+        self.patch(limits.resource, "setrlimit", lambda which, value: self.calls.append(value))
+
+    def raiseWith(self, soft, hard):
+        self.patch(limits.resource, "getrlimit", lambda which: (soft, hard))
+        limits.raiseFileLimit(limits.Limits(maxConnections=1024))
+
+    def test_raised(self):
+        """
+        A soft limit of open files below two per connection is raised.
+        """
+        self.raiseWith(1024, 4096)
+        self.assertEqual(self.calls, [(2112, 4096)])
+        self.assertFalse([line for line in self.logs if "open files" in line])
+
+    def test_hardLimit(self):
+        """
+        Up to the hard limit only, and then the shortfall is logged.
+        """
+        self.raiseWith(1024, 1500)
+        self.assertEqual(self.calls, [(1500, 1500)])
+        [line] = [line for line in self.logs if "open files" in line]
+        self.assertIn("Only 1500 open files allowed; --max-connections 1024 may need 2112", line)
+
+    def test_enough(self):
+        """
+        A limit high enough is left alone.
+        """
+        self.raiseWith(65536, 65536)
+        self.assertEqual(self.calls, [])
 
 
 class LoopbackTests(TestCase):

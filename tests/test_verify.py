@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nydusproxy import tap, verify
 
-from .loopback import fetch, listen
+from .loopback import captureLogs, fetch, listen
 from .support import (
     FIXTURE_BLOBS,
     InMemoryServer,
@@ -28,7 +28,6 @@ from .support import (
     parseResponses,
     sha256,
 )
-from .test_faults import captureLogs
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 
