@@ -578,6 +578,18 @@ class LoopbackTests(TestCase):
         self.assertFalse(response.complete)
         self.assertEqual(response.body, big[: len(response.body)])
 
+    async def test_clientAddress(self):
+        """
+        The channel's transport is still the socket: the access log names
+        the client's address.
+        """
+        logs = captureLogs(self)
+        self.serve()
+        response = await fetch(self.port, b"HEAD", BLOB_PATH)
+        self.assertEqual(response.status, 200)
+        [line] = [line for line in logs if '"HEAD /v2/library/ubuntu' in line]
+        self.assertTrue(line.startswith('127.0.0.1 "HEAD '), line)
+
     async def test_slowReaderGetsEveryByte(self):
         """
         A client reading a 16 MiB blob in fits and starts, through a small
