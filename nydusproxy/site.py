@@ -13,6 +13,7 @@ from twisted.web import http, server
 from twisted.web.resource import IResource
 
 from .accesslog import LINES, text
+from .limits import Connections, Limits, LimitedHTTPChannel
 
 # Health probes come every few seconds: they are not access-logged.
 _QUIET_PATHS = frozenset({b"/healthz"})
@@ -39,12 +40,13 @@ class AccessLoggingRequest(server.Request):
         super().connectionLost(reason)
 
 
-class BlobChannel(http.HTTPChannel):
+class BlobChannel(LimitedHTTPChannel):
     """
-    Twisted's HTTP/1.1 channel, with two costs of every request taken out:
-    the local address is asked of the socket once per connection instead
-    of once per request, and the response head goes to the transport as
-    one string instead of four pieces per header.
+    Twisted's HTTP/1.1 channel with the server's limits, counted into the
+    metrics, and with two costs of every request taken out: the local
+    address is asked of the socket once per connection instead of once per
+    request, and the response head goes to the transport as one string
+    instead of four pieces per header.
     """
 
     _host = None
@@ -56,7 +58,7 @@ class BlobChannel(http.HTTPChannel):
             self.site.metrics.connectionOpened()
 
     def connectionLost(self, reason) -> None:
-        if self.site.metrics is not None:
+        if self.admitted and self.site.metrics is not None:
             self.site.metrics.connectionClosed()
         super().connectionLost(reason)
 
@@ -96,9 +98,6 @@ class BlobSite(server.Site):
     """
 
     requestFactory = AccessLoggingRequest
-    # HTTP/1.1 only: Twisted's default wraps the channel in a protocol that
-    # can switch to HTTP/2, which this server does not offer.
-    protocol = BlobChannel
 
     def __init__(
         self,
@@ -106,9 +105,15 @@ class BlobSite(server.Site):
         accessLog: bool = True,
         accessLogFormat: str = "combined",
         metrics=None,
+        limits: Limits = Limits(),
         **kwargs,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        self.timeOut = limits.idleTimeout
+        self.connections = Connections(limits, self.reactor)
+        # HTTP/1.1 only: Twisted's default wraps the channel in a protocol
+        # that can switch to HTTP/2, which this server does not offer.
+        self.protocol = lambda: BlobChannel(limits, self.connections)
         self.accessLog = accessLog
         # An instance attribute: a Logger class attribute would log under
         # the class's name, whatever namespace it was given.

@@ -5,7 +5,6 @@ The twistd plugin's command line and service: C{twistd nydus-proxy}.
 from __future__ import annotations
 
 import os
-import resource
 import sys
 
 from twisted.application import service, strports
@@ -15,13 +14,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
+from . import limits
+from .accesslog import formatOption
 from .auth import Authenticator, CredentialsError, threadRunner
+from .health import HealthResource
 from .images import ImageRoot
 from .registry import ImageRegistry
-from .accesslog import formatOption
-from .health import HealthResource
+from .shutdown import GracefulShutdown
 from .site import BlobSite
 from .store import BlobStore
+from .verify import DigestVerifier
 from .web import BlobResource, RegistryResource
 from .workers import WorkerSupervisor, tcpAddress
 
@@ -43,8 +45,6 @@ class Options(usage.Options):
          "as the repository named by its path below ROOT."],
         ["max-ranges", None, 16, "Most ranges served from one request; a "
          "Range header with more is ignored (whole blob).", int],
-        ["send-timeout", None, 60.0, "Seconds a client may read nothing of a "
-         "response before it is disconnected.", float],
         ["htpasswd", None, None, "Apache htpasswd file (bcrypt or SHA-crypt "
          "hashes): blobs and /v2/ need HTTP Basic credentials from it."],
         ["token-file", None, None, "File of bearer tokens, one a line: blobs "
@@ -52,6 +52,7 @@ class Options(usage.Options):
         ["access-log-format", None, "combined", "Access log lines: combined "
          "(the combined log format) or json (one JSON object a line).",
          formatOption],
+        *limits.optParameters,
     ]
     optFlags = [
         ["no-access-log", None, "Do not log a line per request."],
@@ -59,6 +60,8 @@ class Options(usage.Options):
          "instead of sendfile(2)."],
         ["metrics", None, "Serve Prometheus metrics at /metrics (needs "
          "the prometheus_client package)."],
+        ["verify-digest", None, "Serve a blob only if its bytes hash to its "
+         "digest (hashed once per file, off the reactor thread)."],
     ]
 
     def __init__(self) -> None:
@@ -108,8 +111,7 @@ class Options(usage.Options):
                 self[key] = os.path.abspath(self[key])
         if self["max-ranges"] < 1:
             raise usage.UsageError("--max-ranges must be at least 1")
-        if self["send-timeout"] <= 0:
-            raise usage.UsageError("--send-timeout must be positive")
+        limits.checkOptions(self)
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         allTCP = all(tcpAddress(description) for description in self["listen"])
@@ -235,8 +237,10 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
         reactor,
         options["max-ranges"],
         useSendfile=not options["no-sendfile"],
-        sendTimeout=options["send-timeout"],
+        sendTimeout=options["idle-timeout"],
     )
+    if options["verify-digest"]:
+        blobs.verifier = DigestVerifier(reactor)
     auth = openAuthenticator(options, reactor)
     pages = {b"healthz": HealthResource(store or BlobStore(options["images"]))}
     metrics = None
@@ -246,13 +250,15 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
             from .metrics import MetricsResource
 
             pages[b"metrics"] = MetricsResource(metrics)
-    return BlobSite(
+    site = BlobSite(
         RegistryResource(blobs, pages, images, auth),
         accessLog=not options["no-access-log"],
         accessLogFormat=options["access-log-format"],
         metrics=metrics,
+        limits=limits.fromOptions(options),
         reactor=reactor,
     )
+    return site
 
 
 def loadMetrics():
@@ -270,10 +276,14 @@ def loadMetrics():
     return Metrics()
 
 
-def listeningServices(site: BlobSite, services) -> ListeningService:
+def listeningServices(
+    site: BlobSite, services, shutdownTimeout: float
+) -> ListeningService:
     listening = ListeningService()
     if site.resource.auth is not None:
         CredentialFilesCheck(site.resource.auth).setServiceParent(listening)
+    # First in, last stopped: the ports stop accepting before the drain.
+    GracefulShutdown(site.connections, shutdownTimeout).setServiceParent(listening)
     for child in services:
         child.setServiceParent(listening)
     return listening
@@ -300,24 +310,16 @@ def checkEndpoints(descriptions: list[str], reactor) -> None:
             raise StartupError(f"endpoint {description!r}: {e}") from None
 
 
-def raiseOpenFileLimit() -> None:
-    """
-    Let the server hold as many connections and open blobs as the hard
-    limit allows: the soft limit is often 1024.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def makeService(options: Options, reactor=None) -> service.IService:
     metricsListen = [options["metrics-listen"]] if options["metrics-listen"] else []
     checkEndpoints(options["listen"] + metricsListen, reactor)
-    raiseOpenFileLimit()
     # Built here in every case, so that a bad directory stops the start.
     site = buildSite(options, reactor)
+    limits.raiseFileLimit(site.connections.limits)
     if options["workers"] > 1:
-        return listeningServices(site, [WorkerSupervisor(options, reactor)])
+        return listeningServices(
+            site, [WorkerSupervisor(options, reactor)], options["shutdown-timeout"]
+        )
     services = [
         strports.service(description, site, reactor=reactor)
         for description in options["listen"]
@@ -330,4 +332,4 @@ def makeService(options: Options, reactor=None) -> service.IService:
                 options["metrics-listen"], metricsSite(site.metrics, reactor), reactor=reactor
             )
         )
-    return listeningServices(site, services)
+    return listeningServices(site, services, options["shutdown-timeout"])

@@ -52,6 +52,9 @@ class BlobResource:
     """
 
     log = Logger()
+    # With --verify-digest, a verify.DigestVerifier that answers only for
+    # blobs whose bytes match their digest.
+    verifier = None
 
     # A body smaller than this is read at once and returned from render:
     # cheaper than a producer, and than waiting for the headers to drain
@@ -91,15 +94,52 @@ class BlobResource:
                 request, errors.BLOB_UNKNOWN, {"digest": digest.decode("ascii")}
             )
         fd, status = found
-        try:
-            return self._respond(request, fd, status, digest)
-        except BaseException:
-            os.close(fd)
-            raise
+        if self.verifier is not None:
+            return self.verifier.serve(
+                request, algorithm, hexdigest, digest, fd, status, self._respond
+            )
+        return self._respond(request, fd, status, digest)
 
     def _respond(
         self, request: IRequest, fd: int, status: os.stat_result, digest: bytes
     ) -> bytes | int:
+        """
+        Answer for the blob open at C{fd}.  From here on C{fd} is closed
+        exactly once, whatever happens: here, or by the producer it is
+        handed to.
+        """
+        try:
+            plan = self._plan(request, status, digest)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not isinstance(plan, tuple):
+            os.close(fd)
+            return plan
+        parts, length = plan
+        if len(parts) == 1 and length < self.smallBody:
+            return self._readSmall(request, fd, parts[0])
+        if self.useSendfile and len(parts) == 1:
+            transport = sendfileTransport(request)
+            if transport is not None:
+                SendfileProducer(
+                    request, fd, parts[0], self.clock, transport, self.sendTimeout
+                ).start()
+                return NOT_DONE_YET
+        FileProducer(request, fd, parts, self.clock, self.sendTimeout).start()
+        return NOT_DONE_YET
+
+    def _plan(
+        self, request: IRequest, status: os.stat_result, digest: bytes
+    ) -> tuple[list[Part], int] | bytes | int:
+        """
+        Set the status and headers of the answer.
+
+        @return: the parts of the file to send and their length with
+            whatever goes between them, or, for an answer that sends
+            nothing of the file (304, 416, HEAD, an empty blob), what
+            C{render} returns.
+        """
         size = status.st_size
         modified = int(status.st_mtime)
         etag = b'"%s"' % (digest,)
@@ -109,7 +149,6 @@ class BlobResource:
         request.setHeader(b"Last-Modified", _httpDate(modified))
         request.setHeader(b"Accept-Ranges", b"bytes")
         if notModified(request, etag, modified):
-            os.close(fd)
             # Finished here: returning b"" from render would add a
             # "Content-Length: 0", which a 304 must not claim (RFC 9110 8.6).
             request.setResponseCode(304)
@@ -129,7 +168,6 @@ class BlobResource:
             length = size
             request.setHeader(b"Content-Type", _OCTET_STREAM)
         elif not ranges:
-            os.close(fd)
             request.setHeader(b"Content-Range", b"bytes */%d" % (size,))
             return errors.writeError(request, errors.RANGE_INVALID, {"size": size})
         elif len(ranges) == 1:
@@ -147,20 +185,8 @@ class BlobResource:
             request.setHeader(b"Content-Type", contentType)
         request.setHeader(b"Content-Length", b"%d" % (length,))
         if request.method == b"HEAD" or length == 0:
-            os.close(fd)
             return b""
-        if len(parts) == 1 and length < self.smallBody:
-            return self._readSmall(request, fd, parts[0])
-        if self.useSendfile and len(parts) == 1:
-            transport = sendfileTransport(request)
-            if transport is not None:
-                SendfileProducer(
-                    request, fd, parts[0], self.clock, transport, self.sendTimeout
-                ).start()
-                return NOT_DONE_YET
-        FileProducer(request, fd, parts, self.clock, self.sendTimeout).start()
-        return NOT_DONE_YET
-
+        return parts, length
 
     def _readSmall(self, request: IRequest, fd: int, part: Part) -> bytes | int:
         _, offset, length = part

@@ -34,7 +34,7 @@ from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPubl
 from twisted.python.failure import Failure
 
 RESTART_DELAY = 1.0
-STOP_TIMEOUT = 30.0
+STOP_MARGIN = 10.0
 
 _FAMILIES = {"tcp": socket.AF_INET, "tcp6": socket.AF_INET6}
 
@@ -116,6 +116,8 @@ class WorkerSupervisor(service.Service):
             reactor = globalReactor
         self.reactor = reactor
         self.count = options["workers"]
+        # Workers drain their transfers for --shutdown-timeout when stopped.
+        self.stopTimeout = options["shutdown-timeout"] + STOP_MARGIN
         self.arguments = [*options.arguments, "--workers", "1"]
         self.addresses = [tcpAddress(d) for d in options["listen"]]
         self.identity = _shedIdentity(getattr(options, "parent", None))
@@ -154,18 +156,20 @@ class WorkerSupervisor(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        # Refuse new connections at once: the workers' ports close as they
+        # stop, and these sockets would keep queueing connections.
+        self._closeSockets()
         workers = list(self.workers.values())
         for worker in workers:
             self._signal(worker, signal.SIGTERM)
         ended = defer.gatherResults([w.ended for w in workers], consumeErrors=True)
         killer = self.reactor.callLater(
-            STOP_TIMEOUT, lambda: [self._signal(w, signal.SIGKILL) for w in workers]
+            self.stopTimeout, lambda: [self._signal(w, signal.SIGKILL) for w in workers]
         )
 
         def stopped(result):
             if killer.active():
                 killer.cancel()
-            self._closeSockets()
             return None
 
         return ended.addBoth(stopped)
@@ -323,7 +327,7 @@ def main() -> None:
         )
         for offset, family in enumerate(config["families"])
     ]
-    top = listeningServices(site, services)
+    top = listeningServices(site, services, options["shutdown-timeout"])
     stdio.StandardIO(_SupervisorLink(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
     top.privilegedStartService()
     if config["identity"] is not None:

@@ -59,7 +59,7 @@ class UNIXSocketTests(TestCase):
             makeOptions(self.blobsdir, "--listen", f"unix:{self.socket}:mode=660"), reactor
         )
         events = []
-        [site] = {s.factory for s in service}
+        [site] = {s.factory for s in service if hasattr(s, "factory")}
         site.accessLogger = Logger(observer=events.append)
         service.privilegedStartService()
         service.startService()

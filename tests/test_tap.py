@@ -29,13 +29,19 @@ def defaults(**changes):
         "max-ranges": 16,
         "no-access-log": 0,
         "no-sendfile": 0,
-        "send-timeout": 60.0,
         "workers": os.cpu_count(),
         "htpasswd": None,
         "token-file": None,
         "access-log-format": "combined",
         "metrics": 0,
         "metrics-listen": None,
+        "idle-timeout": 60.0,
+        "header-timeout": 10.0,
+        "max-header-bytes": 16384,
+        "max-connections": 1024,
+        "max-connections-per-client": 128,
+        "shutdown-timeout": 10.0,
+        "verify-digest": 0,
     }
     for name, value in changes.items():
         key = name.replace("_", "-")
@@ -71,11 +77,17 @@ class OptionsTests(SynchronousTestCase):
                 "--max-ranges", "4",
                 "--no-access-log",
                 "--no-sendfile",
-                "--send-timeout", "5",
                 "--htpasswd", "users.htpasswd",
                 "--token-file", "tokens",
                 "--access-log-format", "json",
                 "--metrics-listen", "tcp:9100:interface=127.0.0.1",
+                "--idle-timeout", "30",
+                "--header-timeout", "2.5",
+                "--max-header-bytes", "8192",
+                "--max-connections", "100",
+                "--max-connections-per-client", "10",
+                "--shutdown-timeout", "0.5",
+                "--verify-digest",
             ]
         )
         self.assertEqual(
@@ -86,13 +98,19 @@ class OptionsTests(SynchronousTestCase):
                 max_ranges=4,
                 no_access_log=1,
                 no_sendfile=1,
-                send_timeout=5.0,
                 workers=1,
                 htpasswd=os.path.abspath("users.htpasswd"),
                 token_file=os.path.abspath("tokens"),
                 access_log_format="json",
                 metrics=1,
                 metrics_listen="tcp:9100:interface=127.0.0.1",
+                idle_timeout=30.0,
+                header_timeout=2.5,
+                max_header_bytes=8192,
+                max_connections=100,
+                max_connections_per_client=10,
+                shutdown_timeout=0.5,
+                verify_digest=1,
             ),
         )
 
@@ -275,17 +293,3 @@ class MakeServiceTests(SynchronousTestCase):
         with open(stderr) as f:
             self.assertEqual(f.read(), "nydus-proxy: the reason\n")
         self.assertEqual([args[0] for args in seen], [ValueError])
-
-
-class OpenFileLimitTests(SynchronousTestCase):
-    def test_raisedToHard(self):
-        """
-        Starting raises the soft limit on open files to the hard one.
-        """
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
-        tap.raiseOpenFileLimit()
-        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE), (hard, hard))

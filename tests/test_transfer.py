@@ -66,7 +66,7 @@ def openFilesUnder(directory):
     return paths
 
 
-def timeout(d, seconds):
+def within(d, seconds):
     """
     Fail C{d} if it has not fired within C{seconds}: a hang is a failure,
     not a stuck test run.
@@ -120,7 +120,7 @@ class TransferTestsMixin:
 
     async def fetch(self, **headers):
         client = await self.connect(rawRequest(**headers))
-        raw = await timeout(client.closed, 30)
+        raw = await within(client.closed, 30)
         [response] = parseResponses(raw, [b"GET"])
         return response
 
@@ -157,11 +157,11 @@ class TransferTestsMixin:
         socket buffer fills, still gets every byte.
         """
         client = await self.connect(rawRequest())
-        await timeout(client.firstData, 10)
+        await within(client.firstData, 10)
         client.transport.pauseProducing()
         await deferLater(reactor, 0.5, lambda: None)
         client.transport.resumeProducing()
-        raw = await timeout(client.closed, 30)
+        raw = await within(client.closed, 30)
         [response] = parseResponses(raw, [b"GET"])
         self.assertEqual(response.body, BLOB)
 
@@ -172,12 +172,12 @@ class TransferTestsMixin:
         never a hang.
         """
         client = await self.connect(rawRequest())
-        await timeout(client.firstData, 10)
+        await within(client.firstData, 10)
         client.transport.pauseProducing()
         await deferLater(reactor, 0.2, lambda: None)
         os.truncate(self.blobPath, 1024)
         client.transport.resumeProducing()
-        raw = await timeout(client.closed, 30)
+        raw = await within(client.closed, 30)
         head, _, body = raw.partition(b"\r\n\r\n")
         self.assertIn(b"Content-Length: %d" % (len(BLOB),), head)
         self.assertLess(len(body), len(BLOB))
@@ -190,7 +190,7 @@ class TransferTestsMixin:
         file's bytes, whole; the next request gets the new ones.
         """
         client = await self.connect(rawRequest())
-        await timeout(client.firstData, 10)
+        await within(client.firstData, 10)
         client.transport.pauseProducing()
         replacement = self.blobPath + ".new"
         with open(replacement, "wb") as f:
@@ -198,7 +198,7 @@ class TransferTestsMixin:
         os.rename(replacement, self.blobPath)
         await deferLater(reactor, 0.2, lambda: None)
         client.transport.resumeProducing()
-        raw = await timeout(client.closed, 30)
+        raw = await within(client.closed, 30)
         [response] = parseResponses(raw, [b"GET"])
         self.assertEqual(response.body, BLOB)
         again = await self.fetch(range=b"bytes=0-99")
@@ -206,19 +206,19 @@ class TransferTestsMixin:
 
     async def test_stalledClient(self):
         """
-        A client that reads nothing for --send-timeout seconds is
+        A client that reads nothing for --idle-timeout seconds is
         disconnected at once, without waiting for it to read what is
         buffered, and the file is closed.
         """
         self.site.resource.blobs.sendTimeout = 0.5
         client = await self.connect(rawRequest())
-        await timeout(client.firstData, 10)
+        await within(client.firstData, 10)
         client.transport.pauseProducing()
         await deferLater(reactor, 1.5, lambda: None)
         [server] = self.serverProtocols
         self.assertTrue(server.transport.disconnected)
         client.transport.resumeProducing()
-        await timeout(client.closed, 10)
+        await within(client.closed, 10)
         self.assertLess(sum(map(len, client.received)), len(BLOB))
         self.assertEqual(openFilesUnder(self.blobsdir), [])
 
@@ -230,7 +230,7 @@ class TransferTestsMixin:
         two = rawRequest(range=b"bytes=0-1048575").replace(b"Connection: close\r\n", b"")
         two += rawRequest(range=b"bytes=-100")
         client = await self.connect(two)
-        raw = await timeout(client.closed, 30)
+        raw = await within(client.closed, 30)
         first, second = parseResponses(raw, [b"GET", b"GET"])
         self.assertEqual(first.body, BLOB[:1048576])
         self.assertEqual(second.body, BLOB[-100:])
