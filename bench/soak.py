@@ -392,16 +392,38 @@ def selectReadable(sock: socket.socket, timeout: float) -> bool:
     return bool(readable)
 
 
+def processTree(pid: int) -> list[int]:
+    """
+    The server and its worker processes.
+    """
+    pids = [pid]
+    for each in pids:
+        try:
+            with open(f"/proc/{each}/task/{each}/children") as f:
+                pids.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
 def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """
+    The resident memory of the server and its workers, summed, in bytes.
+    """
+    total = 0
+    for each in processTree(pid):
+        try:
+            with open(f"/proc/{each}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
 
 
 def openFiles(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    return sum(len(os.listdir(f"/proc/{each}/fd")) for each in processTree(pid))
 
 
 def makeBlobs(directory: str) -> dict[str, bytes]:
