@@ -29,6 +29,7 @@ import sys
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, protocol
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -65,6 +66,22 @@ def tcpAddress(description: str) -> tuple[int, str, int, int] | None:
         )
     except (KeyError, ValueError):
         return None
+
+
+def freePort(family: int, interface: str, port: int) -> int:
+    """
+    Check that nothing listens on the port (port 0: pick one), with a
+    socket that does not share: with SO_REUSEPORT alone, the workers'
+    sockets would join those of another server started as the same user,
+    and the two would split the connections between them.
+
+    @return: the port.
+    @raise OSError: the port is taken.
+    """
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((interface, port))
+        return probe.getsockname()[1]
 
 
 def listeningSocket(family: int, interface: str, port: int, backlog: int) -> socket.socket:
@@ -130,16 +147,15 @@ class WorkerSupervisor(service.Service):
         super().privilegedStartService()
         self.sockets = [[] for _ in range(self.count)]
         for family, interface, port, backlog in self.addresses:
-            for sockets in self.sockets:
-                try:
-                    listener = listeningSocket(family, interface, port, backlog)
-                except OSError as e:
-                    self._closeSockets()
-                    reason = f"cannot listen on {interface or '*'}:{port}: {e}"
-                    self.log.critical("nydus-proxy cannot start: {reason}", reason=reason)
-                    raise StartupError(reason) from None
-                port = listener.getsockname()[1]
-                sockets.append(listener)
+            try:
+                port = freePort(family, interface, port)
+                for sockets in self.sockets:
+                    sockets.append(listeningSocket(family, interface, port, backlog))
+            except OSError as e:
+                self._closeSockets()
+                reason = f"cannot listen on {interface or '*'}:{port}: {e}"
+                self.log.critical("nydus-proxy cannot start: {reason}", reason=reason)
+                raise StartupError(reason) from None
             self.log.info(
                 "Listening on {interface}:{port} with {count} workers",
                 interface=interface or "*",
@@ -212,6 +228,9 @@ class WorkerSupervisor(service.Service):
             families.append(listener.family)
         argv = [
             sys.executable,
+            # -P: not the working directory first on sys.path, so that a
+            # checkout there does not stand in for the installed package.
+            "-P",
             "-m",
             "nydusproxy.workers",
             json.dumps(
@@ -251,6 +270,21 @@ def _shedIdentity(twistdOptions) -> tuple[int, int] | None:
     return uid, gid
 
 
+def _stopOnce(reactor) -> None:
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
+def _stopOnSignals(reactor) -> None:
+    def stop(number, frame):
+        reactor.callFromThread(_stopOnce, reactor)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 class _SupervisorLink(protocol.Protocol):
     """
     A worker's standard input: it closes when the supervisor goes away.
@@ -260,8 +294,7 @@ class _SupervisorLink(protocol.Protocol):
         self.reactor = reactor
 
     def connectionLost(self, reason: Failure) -> None:
-        if self.reactor.running:
-            self.reactor.stop()
+        _stopOnce(self.reactor)
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -334,6 +367,10 @@ def main() -> None:
         switchUID(*config["identity"])
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    # The supervisor decides when workers stop.  A signal sent to the
+    # whole process group (Ctrl-C in a terminal, a kill of the group)
+    # reaches them too: stop once, however many arrive.
+    reactor.callWhenRunning(_stopOnSignals, reactor)
     reactor.run()
 
 

@@ -7,12 +7,14 @@ import os
 import re
 import signal
 import socket
+import sys
+from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from nydusproxy.workers import tcpAddress
 
-from .test_e2e import E2EMixin, readText, registryPath, waitFor
+from .test_e2e import E2EMixin, ServerProcess, readText, registryPath, waitFor
 
 LISTENING = re.compile(r"Listening on 127\.0\.0\.1:(\d+) with (\d+) workers")
 
@@ -50,6 +52,8 @@ class TCPAddressTests(SynchronousTestCase):
 
 
 class SupervisorTests(E2EMixin, SynchronousTestCase):
+    realBlobs = False
+
     def start(self):
         server = self.startServer("--workers", "2")
         found = waitFor(lambda: LISTENING.search(readText(server.logPath)), server.output, 30)
@@ -167,3 +171,55 @@ class EventLineTests(SynchronousTestCase):
         text = formatEvent(relayed)
         self.assertTrue(text.startswith("it broke: x\n"), text)
         self.assertIn("ZeroDivisionError", text)
+
+
+class SupervisorStartTests(E2EMixin, SynchronousTestCase):
+    realBlobs = False
+
+    def test_portSharedByAnotherServer(self):
+        """
+        A port that another server listens on with SO_REUSEPORT (another
+        nydus-proxy, say) stops the start: the workers would otherwise join
+        its sockets and split its connections.
+        """
+        other = socket.socket()
+        self.addCleanup(other.close)
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        server = self.startServer("--workers", "2", "--listen", f"tcp:{port}:interface=127.0.0.1")
+        self.assertEqual(server.process.wait(30), 1, server.output())
+        self.assertEqual(
+            readText(server.stderrPath).strip(),
+            f"nydus-proxy: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use",
+        )
+
+    def test_workersUseInstalledPackage(self):
+        """
+        Workers import the installed nydusproxy, not a checkout (or
+        anything else of that name) in the working directory.
+        """
+        broken = self.runDir / "nydusproxy"
+        broken.mkdir()
+        (broken / "__init__.py").write_text("raise ImportError('the wrong nydusproxy')\n")
+        # The twistd script, as users run it: its own directory, not the
+        # working one, is first on sys.path.
+        twistd = Path(sys.executable).parent / "twistd"
+        if not twistd.exists():
+            raise SkipTest(f"no twistd script beside {sys.executable}")
+        server = ServerProcess(
+            self,
+            [str(twistd), "-n", "--pidfile=", "nydus-proxy", "--blobsdir", str(self.blobsdir),
+             "--listen", "tcp:0:interface=127.0.0.1", "--workers", "2"],
+            self.runDir,
+        )
+        port = int(waitFor(lambda: LISTENING.search(readText(server.logPath)), server.output, 30)
+                   .group(1))
+        waitFor(lambda: readText(server.logPath).count("starting on") >= 2 or None,
+                server.output, 30)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/v2/")
+        self.assertEqual(connection.getresponse().status, 200)
+        connection.close()
+        self.assertNotIn("the wrong nydusproxy", readText(server.logPath))
