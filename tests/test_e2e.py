@@ -682,7 +682,7 @@ class ConsoleScriptTests(E2EMixin, SynchronousTestCase):
             self.runDir,
         )
         client = NydusdLikeClient(self, server.port())
-        name = "d7b86b1e74e316fe945741d1a9fa1b271459fe41481e304977659e0c6ecf56ac"
+        name = max(self.blobs, key=lambda n: len(self.blobs[n]))
         response, body = client.request("HEAD", registryPath("sealer", name))
         self.assertEqual(response.getheader("Content-Length"), str(len(self.blobs[name])))
         response, body = client.request("GET", registryPath("sealer", name))
