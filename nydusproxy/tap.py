@@ -77,8 +77,7 @@ class Options(usage.Options):
 
     def opt_workers(self, value: str) -> None:
         """
-        Worker processes serving the TCP ports, or "auto": one per core
-        when every --listen is tcp: or tcp6:, else one.  [default: auto]
+        Worker processes, or auto (one per core for TCP).  [default: auto]
         """
         if value != "auto":
             try:
@@ -97,8 +96,7 @@ class Options(usage.Options):
 
     def opt_metrics_listen(self, description: str) -> None:
         """
-        Serve /metrics on this endpoint only, not on the blob site
-        (implies --metrics).
+        Serve /metrics on this endpoint only (implies --metrics).
         """
         self["metrics-listen"] = description
         self["metrics"] = 1
