@@ -244,11 +244,14 @@ class SendfileProducer(FileProducer):
         part: Part,
         clock: IReactorTime,
         transport: tcp.Connection,
+        status: os.stat_result,
         stallTimeout: float = 60.0,
     ) -> None:
+        """
+        @param status: the file's C{fstat} when it was opened.
+        """
         super().__init__(request, fd, [part], clock, stallTimeout)
         self._transport = transport
-        status = os.fstat(fd)
         self._identity = (status.st_size, status.st_mtime_ns)
 
     def start(self) -> None:

@@ -123,7 +123,7 @@ class BlobResource:
             transport = sendfileTransport(request)
             if transport is not None:
                 SendfileProducer(
-                    request, fd, parts[0], self.clock, transport, self.sendTimeout
+                    request, fd, parts[0], self.clock, transport, status, self.sendTimeout
                 ).start()
                 return NOT_DONE_YET
         FileProducer(request, fd, parts, self.clock, self.sendTimeout).start()
