@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
-from .accesslog import LINES, text
+from .accesslog import LINES, AccessLogFile, text
 from .limits import Connections, Limits, LimitedHTTPChannel
 
 # Health probes come every few seconds: they are not access-logged.
@@ -106,6 +106,7 @@ class BlobSite(server.Site):
         accessLogFormat: str = "combined",
         metrics=None,
         limits: Limits = Limits(),
+        accessLogPath: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
@@ -121,6 +122,19 @@ class BlobSite(server.Site):
         self.accessLogFormat = accessLogFormat
         self._line = LINES[accessLogFormat]
         self.metrics = metrics
+        self.accessLogPath = accessLogPath
+        self.accessFile: AccessLogFile | None = None
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if self.accessLog and self.accessLogPath is not None and self.accessFile is None:
+            self.accessFile = AccessLogFile(self.accessLogPath, self.reactor)
+
+    def stopFactory(self) -> None:
+        if self.accessFile is not None:
+            self.accessFile.close()
+            self.accessFile = None
+        super().stopFactory()
 
     def log(self, request) -> None:  # type: ignore[override]
         self.logAccess(request, aborted=False)
@@ -151,4 +165,7 @@ class BlobSite(server.Site):
             "aborted": aborted,
             "error": getattr(request, "ociError", None),
         }
-        self.accessLogger.info("{access_line!s}", access_line=self._line(fields), **fields)
+        if self.accessFile is not None:
+            self.accessFile.write(f"{self._line(fields)}\n")
+        else:
+            self.accessLogger.info("{access_line!s}", access_line=self._line(fields), **fields)

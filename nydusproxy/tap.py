@@ -49,6 +49,8 @@ class Options(usage.Options):
          "hashes): blobs and /v2/ need HTTP Basic credentials from it."],
         ["token-file", None, None, "File of bearer tokens, one a line: blobs "
          "and /v2/ need one of them (nydusd's registry_token)."],
+        ["access-log", None, None, "Append access lines to this file instead "
+         "of twistd's log (cheaper; every worker writes to it)."],
         ["access-log-format", None, "combined", "Access log lines: combined "
          "(the combined log format) or json (one JSON object a line).",
          formatOption],
@@ -122,7 +124,7 @@ class Options(usage.Options):
             # Each worker would count only the requests it served.
             raise usage.UsageError("--metrics needs --workers 1")
         self["workers"] = workers
-        for name in ("htpasswd", "token-file"):
+        for name in ("htpasswd", "token-file", "access-log"):
             if self[name] is not None:
                 self[name] = os.path.abspath(self[name])
 
@@ -252,6 +254,7 @@ def buildSite(options: Options, reactor: IReactorTime | None = None) -> BlobSite
         RegistryResource(blobs, pages, images, auth),
         accessLog=not options["no-access-log"],
         accessLogFormat=options["access-log-format"],
+        accessLogPath=options["access-log"],
         metrics=metrics,
         limits=limits.fromOptions(options),
         reactor=reactor,
@@ -311,6 +314,11 @@ def checkEndpoints(descriptions: list[str], reactor) -> None:
 def makeService(options: Options, reactor=None) -> service.IService:
     metricsListen = [options["metrics-listen"]] if options["metrics-listen"] else []
     checkEndpoints(options["listen"] + metricsListen, reactor)
+    if options["access-log"] is not None:
+        try:
+            os.close(os.open(options["access-log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as e:
+            raise StartupError(f"access log {options['access-log']}: {e.strerror}") from None
     # Built here in every case, so that a bad directory stops the start.
     site = buildSite(options, reactor)
     limits.raiseFileLimit(site.connections.limits)

@@ -32,6 +32,7 @@ def defaults(**changes):
         "workers": os.cpu_count(),
         "htpasswd": None,
         "token-file": None,
+        "access-log": None,
         "access-log-format": "combined",
         "metrics": 0,
         "metrics-listen": None,
