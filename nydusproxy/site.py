@@ -129,11 +129,13 @@ class BlobSite(server.Site):
         super().startFactory()
         if self.accessLog and self.accessLogPath is not None and self.accessFile is None:
             self.accessFile = AccessLogFile(self.accessLogPath, self.reactor)
+            # Open until the process ends: responses still draining after
+            # the ports closed (stopFactory) log their lines too.
+            self.reactor.addSystemEventTrigger("after", "shutdown", self.accessFile.close)
 
     def stopFactory(self) -> None:
         if self.accessFile is not None:
-            self.accessFile.close()
-            self.accessFile = None
+            self.accessFile.flush()
         super().stopFactory()
 
     def log(self, request) -> None:  # type: ignore[override]

@@ -21,7 +21,7 @@ class AccessLogFileTests(SynchronousTestCase):
     def setUp(self):
         self.log = os.path.abspath(self.mktemp())
         self.server = InMemoryServer(makeBlobDir(self, [BLOB]), "--access-log", self.log)
-        self.addCleanup(self.server.site.stopFactory)
+        self.addCleanup(lambda: self.server.site.accessFile.close())
         self.events = []
         self.server.site.accessLogger.observer = self.events.append
 
@@ -79,6 +79,19 @@ class AccessLogFileTests(SynchronousTestCase):
         complaints = [formatEvent(e) for e in events
                       if "Cannot write the access log" in formatEvent(e)]
         self.assertEqual(len(complaints), 1, complaints)
+
+    def test_linesAfterThePortsClose(self):
+        """
+        Lines of responses that end after the ports closed (a shutdown's
+        drain) still go to the file, which closes when the process ends.
+        """
+        site = self.server.site
+        site.stopFactory()
+        self.server.get(PATH, method=b"HEAD")
+        self.assertEqual(len(self.lines()), 1)
+        [trigger] = [t for t in self.server.clock.triggers["after"]["shutdown"]
+                     if t[0] == site.accessFile.close]
+        self.assertEqual(self.events, [])
 
     def test_badPath(self):
         """
