@@ -70,18 +70,20 @@ class Limits:
     maxConnectionsPerClient: int = 128
 
 
+_DEFAULT = Limits()
+
 # The command line options of the limits, for tap.Options: name, default,
 # help, type.  Each must be positive.
 optParameters = [
-    ["idle-timeout", None, 60.0, "Seconds a connection may send nothing "
+    ["idle-timeout", None, float(_DEFAULT.idleTimeout), "Seconds a connection may send nothing "
      "between requests, or leave a response unread, before it is closed.", float],
-    ["header-timeout", None, 10.0, "Seconds a client has, from its first "
+    ["header-timeout", None, float(_DEFAULT.headerTimeout), "Seconds a client has, from its first "
      "byte, to send a whole request.", float],
-    ["max-header-bytes", None, 16384, "Most bytes of request line and "
+    ["max-header-bytes", None, _DEFAULT.maxHeaderBytes, "Most bytes of request line and "
      "headers; more is answered 414 or 431.", int],
-    ["max-connections", None, 1024, "Most connections open at once; more "
+    ["max-connections", None, _DEFAULT.maxConnections, "Most connections open at once; more "
      "are closed at once.", int],
-    ["max-connections-per-client", None, 128, "Most connections open at "
+    ["max-connections-per-client", None, _DEFAULT.maxConnectionsPerClient, "Most connections open at "
      "once from one client address; more are closed at once.", int],
     ["shutdown-timeout", None, 10.0, "Seconds a stopping server lets "
      "responses in flight finish before it closes them.", float],
