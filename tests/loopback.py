@@ -15,7 +15,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
-from .support import Response
+from .support import Response, bodyLength, parseHead
 
 
 def listen(testCase, site) -> int:
@@ -143,19 +143,10 @@ def parseResponse(raw: bytes, method: bytes = b"GET") -> PartialResponse:
     """
     The first response of C{raw}, whose body may be cut short.
     """
-    head, sep, rest = raw.partition(b"\r\n\r\n")
-    if not sep:
-        raise AssertionError(f"no complete response head in {raw[:200]!r}")
-    statusLine, *headerLines = head.decode("latin-1").split("\r\n")
-    headers: dict[str, list[str]] = {}
-    for line in headerLines:
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    length = 0 if method == b"HEAD" else int(headers.get("content-length", ["0"])[0])
+    status, headers, head, rest = parseHead(raw)
+    length = bodyLength(headers, method)
     body = rest[:length]
-    return PartialResponse(
-        int(statusLine.split()[1]), headers, body, head, complete=len(body) == length
-    )
+    return PartialResponse(status, headers, body, head, complete=len(body) == length)
 
 
 async def fetch(port: int, method: bytes, path: bytes, host: str = "127.0.0.1", **headers: bytes) -> PartialResponse:

@@ -77,28 +77,43 @@ class Response:
         return values[0] if values else None
 
 
+def parseHead(raw: bytes) -> tuple[int, dict[str, list[str]], bytes, bytes]:
+    """
+    The status, headers (lowercased names) and head of the response that
+    begins C{raw}, and the bytes after its head.
+    """
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise AssertionError(f"incomplete response head: {head[:200]!r}")
+    statusLine, *headerLines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, list[str]] = {}
+    for line in headerLines:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return int(statusLine.split()[1]), headers, head, rest
+
+
+def bodyLength(headers: dict[str, list[str]], method: bytes) -> int:
+    """
+    How many body bytes a response announces (none after a HEAD, whatever
+    its Content-Length says).
+    """
+    return 0 if method == b"HEAD" else int(headers.get("content-length", ["0"])[0])
+
+
 def parseResponses(raw: bytes, methods: list[bytes]) -> list[Response]:
     """
     Split the bytes a server wrote into responses, one per request method
-    given (a HEAD response has no body whatever its Content-Length says).
+    given.
     """
     responses = []
     for method in methods:
-        head, sep, raw = raw.partition(b"\r\n\r\n")
-        if not sep:
-            raise AssertionError(f"incomplete response head: {head!r}")
-        statusLine, *headerLines = head.decode("latin-1").split("\r\n")
-        headers: dict[str, list[str]] = {}
-        for line in headerLines:
-            name, _, value = line.partition(":")
-            headers.setdefault(name.strip().lower(), []).append(value.strip())
-        length = int(headers.get("content-length", ["0"])[0])
-        if method == b"HEAD":
-            length = 0
+        status, headers, head, raw = parseHead(raw)
+        length = bodyLength(headers, method)
         if len(raw) < length:
             raise AssertionError(f"short body: {len(raw)} of {length} bytes")
         body, raw = raw[:length], raw[length:]
-        responses.append(Response(int(statusLine.split()[1]), headers, body, head))
+        responses.append(Response(status, headers, body, head))
     if raw:
         raise AssertionError(f"bytes after the last response: {raw[:80]!r}")
     return responses

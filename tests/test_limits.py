@@ -120,7 +120,11 @@ class RequestDeadlineTests(SynchronousTestCase):
         assertRefused(self, raw[raw.rindex(b"HTTP/1.1 408") :], 408, "request not received in time")
 
 
-class HeadSizeTests(SynchronousTestCase):
+class SmallHeadTestCase(SynchronousTestCase):
+    """
+    A server with --max-header-bytes 1024, and one connection per send.
+    """
+
     def setUp(self):
         self.server = InMemoryServer(makeBlobDir(self, [BLOB]), "--max-header-bytes", "1024")
 
@@ -129,6 +133,9 @@ class HeadSizeTests(SynchronousTestCase):
         protocol.dataReceived(data)
         runTurns(self.server)
         return transport
+
+
+class HeadSizeTests(SmallHeadTestCase):
 
     def test_requestLineTooLong(self):
         """
@@ -169,15 +176,7 @@ class HeadSizeTests(SynchronousTestCase):
         assertRefused(self, self.send(over).value(), 431, "request header fields too large")
 
 
-class BodyTests(SynchronousTestCase):
-    def setUp(self):
-        self.server = InMemoryServer(makeBlobDir(self, [BLOB]), "--max-header-bytes", "1024")
-
-    def send(self, data):
-        protocol, transport = connectFrom(self.server)
-        protocol.dataReceived(data)
-        runTurns(self.server)
-        return transport
+class BodyTests(SmallHeadTestCase):
 
     def test_largeBodyRefused(self):
         """
