@@ -177,14 +177,27 @@ class LimitedHTTPChannel(http.HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
-        # Line mode means a request's head is being read; the clock starts
-        # at its first byte, including bytes of a pipelined request that
-        # were held while the previous one was answered.
-        if self._deadline is None and self.line_mode and data:
+        super().dataReceived(data)
+        # The clock starts only for a request left incomplete by this read
+        # (most arrive whole, and a timer per request costs), at the read
+        # that brought its first bytes; bytes of a pipelined request held
+        # while the one before it is answered come back through here.
+        if self._deadline is None and not self._refused and self._receiving():
             self._deadline = self.callLater(
                 self.limits.headerTimeout, self._requestTimedOut
             )
-        super().dataReceived(data)
+
+    def _receiving(self) -> bool:
+        """
+        Whether part of a request has been read and the rest is awaited.
+        """
+        if self.busy:
+            return False
+        if not self.line_mode:
+            # A body announced by the head.
+            return True
+        # LineReceiver keeps the start of an unfinished line in _buffer.
+        return bool(self._headLines or self._buffer)
 
     def lineReceived(self, line: bytes) -> None:
         if self._refused:

@@ -21,6 +21,8 @@ _MAX_DIGITS = 18
 
 _SPEC = re.compile(rb"[ \t]*([0-9]*)-([0-9]*)[ \t]*\Z")
 _UNIT = re.compile(rb"[ \t]*bytes[ \t]*=", re.IGNORECASE)
+# What nydusd and most clients send: one closed range, plainly written.
+_ONE_CLOSED = re.compile(rb"bytes=([0-9]{1,18})-([0-9]{1,18})\Z")
 
 
 def _position(digits: bytes) -> int:
@@ -42,6 +44,14 @@ def parseRange(
         adjacent ranges merged; an empty list means that none is
         satisfiable (416).
     """
+    closed = _ONE_CLOSED.match(header)
+    if closed is not None:
+        start, last = int(closed[1]), int(closed[2])
+        if last < start:
+            return None
+        if start >= size:
+            return []
+        return [(start, min(last + 1, size) - start)]
     unit = _UNIT.match(header)
     if unit is None:
         return None

@@ -37,6 +37,7 @@ class BlobStore:
             be followed; C{path} itself by default.
         """
         self.path = os.path.abspath(path)
+        self._prefix = os.path.join(self.path, "")
         self._realPath = os.path.realpath(self.path if boundary is None else boundary)
 
     def open(self, algorithm: str, hexdigest: str) -> tuple[int, os.stat_result] | None:
@@ -50,7 +51,7 @@ class BlobStore:
         @raise OSError: the file is there but cannot be opened or read
             (C{PermissionError} for permissions).
         """
-        found = self._openRegular(os.path.join(self.path, hexdigest))
+        found = self._openRegular(self._prefix + hexdigest)
         if found is None:
             layoutDir = os.path.join(self.path, "blobs", algorithm)
             if self._inside(os.path.realpath(layoutDir)):

@@ -101,6 +101,44 @@ class RequestDeadlineTests(SynchronousTestCase):
         self.assertEqual([r.body for r in responses], [BLOB] * 3)
         self.assertFalse(transport.disconnecting)
 
+    def test_stalledBodyRefused(self):
+        """
+        The deadline covers a request's body too: a head that announces
+        five bytes followed by two of them, and nothing more, gets a 408.
+        """
+        protocol, transport = connectFrom(self.server)
+        protocol.dataReceived(
+            b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nContent-Length: 5\r\n\r\nhe"
+        )
+        self.server.clock.advance(9.5)
+        self.assertFalse(transport.disconnecting)
+        self.server.clock.advance(0.5)
+        assertRefused(self, transport.value(), 408, "request not received in time")
+        self.assertTrue(transport.disconnecting)
+
+    def test_wholeRequestsStartNoClock(self):
+        """
+        Requests that arrive whole, each in one read, need no deadline, and
+        none is scheduled (a timer per request is a cost of every small
+        range); an idle keep-alive connection is closed only by the idle
+        timeout.
+        """
+        protocol, transport = connectFrom(self.server)
+        scheduled = []
+
+        def callLater(delay, *args, **kwargs):
+            scheduled.append(delay)
+            return self.server.clock.callLater(delay, *args, **kwargs)
+
+        protocol.callLater = callLater
+        for _ in range(3):
+            protocol.dataReceived(GET_BLOB)
+            runTurns(self.server)
+        self.assertNotIn(10, scheduled)
+        self.server.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 3)
+
     def test_pipelinedRequestDeadline(self):
         """
         A pipelined request that arrives whole while the one before it is
