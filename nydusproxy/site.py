@@ -139,7 +139,8 @@ class BlobSite(server.Site):
         super().stopFactory()
 
     def log(self, request) -> None:  # type: ignore[override]
-        self.logAccess(request, aborted=False)
+        if self.accessLog or self.metrics is not None:
+            self.logAccess(request, aborted=False)
 
     def logAccess(self, request: AccessLoggingRequest, aborted: bool) -> None:
         """

@@ -32,11 +32,14 @@ _NAME_MAX = 255
 _DIGEST = re.compile(rb"(sha256):([a-f0-9]{64})\Z|(sha512):([a-f0-9]{128})\Z")
 # nydusd's http-proxy backend asks for the bare id, without "sha256:".
 _BARE_ID = re.compile(rb"[a-f0-9]{64}\Z")
+_REFERENCE_MAX = len(b"sha512:") + 128
 
 _READ_METHODS = (b"GET", b"HEAD")
 _OCTET_STREAM = b"application/octet-stream"
 _JSON = b"application/json"
 _EMPTY_JSON = b"{}"
+# The request headers of conditional requests, as Headers names them.
+_CONDITIONAL = frozenset({b"If-None-Match", b"If-Modified-Since", b"If-Range"})
 # Blobs are content-addressed: what a digest names never changes.
 _IMMUTABLE = b"public, max-age=31536000, immutable"
 
@@ -152,17 +155,25 @@ class BlobResource:
         headers[b"Cache-Control"] = [_IMMUTABLE]
         headers[b"Last-Modified"] = [_httpDate(modified)]
         headers[b"Accept-Ranges"] = [b"bytes"]
-        if notModified(request, etag, modified):
+        # One pass over the request's few headers instead of a look-up for
+        # each of the four that matter here, three of them rarely sent.
+        rangeHeader = None
+        conditional = False
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            if name == b"Range":
+                rangeHeader = values[-1]
+            elif name in _CONDITIONAL:
+                conditional = True
+        if conditional and notModified(request, etag, modified):
             # Finished here: returning b"" from render would add a
             # "Content-Length: 0", which a 304 must not claim (RFC 9110 8.6).
             request.setResponseCode(304)
             request.finish()
             return NOT_DONE_YET
-        rangeHeader = request.getHeader(b"range")
         if (
             request.method == b"HEAD"
             or rangeHeader is None
-            or not rangeApplies(request, etag, modified)
+            or (conditional and not rangeApplies(request, etag, modified))
         ):
             ranges = None
         else:
@@ -315,19 +326,14 @@ class RegistryResource(Resource):
         return errors.writeError(request, errors.NAME_UNKNOWN)
 
     def _blob(self, request: IRequest, name: list[bytes], reference: bytes) -> bytes | int:
-        if sum(map(len, name)) + len(name) - 1 > _NAME_MAX or not all(
-            map(_NAME_COMPONENT.match, name)
-        ):
+        if sum(map(len, name)) + len(name) - 1 > _NAME_MAX:
             return errors.writeError(request, errors.NAME_INVALID)
-        match = _DIGEST.match(reference)
-        if match is not None:
-            algorithm, hexdigest = match.group(1, 2) if match.group(1) else match.group(3, 4)
-            digest = reference
-        elif _BARE_ID.match(reference):
-            algorithm, hexdigest = b"sha256", reference
-            digest = b"sha256:" + reference
-        else:
+        if len(reference) > _REFERENCE_MAX:
             return errors.writeError(request, errors.DIGEST_INVALID)
+        parsed = _blobReference(tuple(name), reference)
+        if isinstance(parsed, errors.ErrorCode):
+            return errors.writeError(request, parsed)
+        algorithm, hexdigest, digest = parsed
         store = self.blobs.store
         if self.images is not None:
             # The layout of that name first, then the blob directory.
@@ -336,6 +342,31 @@ class RegistryResource(Resource):
                 return errors.writeError(
                     request, errors.NAME_UNKNOWN, {"name": b"/".join(name).decode("ascii")}
                 )
-        return self.blobs.render(
-            request, algorithm.decode("ascii"), hexdigest.decode("ascii"), digest, store
-        )
+        return self.blobs.render(request, algorithm, hexdigest, digest, store)
+
+
+# Clients read the same few blobs over and over: their paths are checked
+# once each.  Both parts are of bounded length when they get here, and so is
+# the cache.
+@lru_cache(maxsize=1024)
+def _blobReference(
+    name: tuple[bytes, ...], reference: bytes
+) -> tuple[str, str, bytes] | errors.ErrorCode:
+    """
+    Check the repository name and the digest of a blob path.
+
+    @return: the digest's algorithm and hex, and the digest as the
+        C{Docker-Content-Digest} header gives it; or the error to answer.
+    """
+    if not all(map(_NAME_COMPONENT.match, name)):
+        return errors.NAME_INVALID
+    match = _DIGEST.match(reference)
+    if match is not None:
+        algorithm, hexdigest = match.group(1, 2) if match.group(1) else match.group(3, 4)
+        digest = reference
+    elif _BARE_ID.match(reference):
+        algorithm, hexdigest = b"sha256", reference
+        digest = b"sha256:" + reference
+    else:
+        return errors.DIGEST_INVALID
+    return algorithm.decode("ascii"), hexdigest.decode("ascii"), digest
