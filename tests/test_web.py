@@ -372,6 +372,29 @@ class RouteTests(SynchronousTestCase):
             response = self.server.get(path(name, DIGEST))
             assertErrorCode(self, response, 400, "NAME_INVALID")
 
+    def test_checkedPathsCacheBounded(self):
+        """
+        The cache of checked blob paths holds answers for paths of bounded
+        length only, and a cached answer is the same as the first: asked
+        again, an invalid name or digest is refused again and a valid one
+        served again.
+        """
+        from nydusproxy.web import _blobReference
+
+        _blobReference.cache_clear()
+        for reference in ("sha256:" + "a" * 5000, "sha256:" + HEX):
+            response = self.server.get(path("a" * 300, reference))
+            assertErrorCode(self, response, 400, "NAME_INVALID")
+        response = self.server.get(path("a", "sha256:" + "a" * 5000))
+        assertErrorCode(self, response, 400, "DIGEST_INVALID")
+        self.assertEqual(_blobReference.cache_info().currsize, 0)
+        for _ in range(2):
+            assertErrorCode(self, self.server.get(path("A", DIGEST)), 400, "NAME_INVALID")
+            assertErrorCode(self, self.server.get(path("a", "sha256:0")), 400, "DIGEST_INVALID")
+            self.assertEqual(self.server.get(path("a", DIGEST)).body, BLOB)
+        info = _blobReference.cache_info()
+        self.assertEqual((info.currsize, info.hits), (3, 3))
+
     def test_validNames(self):
         """
         Names of the OCI grammar are accepted, up to 255 characters.
