@@ -103,6 +103,20 @@ class Options(usage.Options):
         self["metrics-listen"] = description
         self["metrics"] = 1
 
+    def opt_version(self) -> None:
+        """
+        Print the versions of nydus-proxy, Twisted and Python, and exit.
+        """
+        from importlib.metadata import version
+
+        from twisted import version as twistedVersion
+
+        sys.stdout.write(
+            f"nydus-proxy {version('nydus-proxy')} (Twisted {twistedVersion.short()}, "
+            f"Python {sys.version.split()[0]})\n"
+        )
+        sys.exit(0)
+
     def postOptions(self) -> None:
         if not self["blobsdir"] and not self["images"]:
             raise usage.UsageError("--blobsdir DIR or --images ROOT is required")

@@ -163,6 +163,27 @@ class OptionsTests(SynchronousTestCase):
                     ["--workers", "2", "--listen", "unix:/tmp/x.sock"]):
             self.assertRaises(UsageError, parse, *bad)
 
+    def test_version(self):
+        """
+        C{--version} names nydus-proxy and its version, then Twisted's and
+        Python's, and exits 0 without needing C{--blobsdir}.
+        """
+        from importlib.metadata import version
+        from io import StringIO
+
+        from twisted import version as twistedVersion
+
+        out = StringIO()
+        self.patch(sys, "stdout", out)
+        with self.assertRaises(SystemExit) as exited:
+            tap.Options().parseOptions(["--version"])
+        self.assertEqual(exited.exception.code, 0)
+        self.assertEqual(
+            out.getvalue(),
+            f"nydus-proxy {version('nydus-proxy')} (Twisted {twistedVersion.short()}, "
+            f"Python {sys.version.split()[0]})\n",
+        )
+
     def test_badMaxRanges(self):
         """
         --max-ranges is a whole number of at least 1.
