@@ -49,7 +49,10 @@ def main() -> None:
         server = subprocess.Popen(
             [args.python, "-c", TWISTD, "-n", "--pidfile=", "--logfile", str(log),
              "nydus-proxy", "--blobsdir", str(blobs), "--workers", "1", "--no-access-log",
-             "--listen", "tcp:0:interface=127.0.0.1"],
+             "--listen", "tcp:0:interface=127.0.0.1",
+             # All from one address: above the default limits.
+             "--max-connections", str(args.connections + 16),
+             "--max-connections-per-client", str(args.connections + 16)],
             cwd=work,
         )
         try:
