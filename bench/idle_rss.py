@@ -15,7 +15,6 @@ process it starts is stopped.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import re
 import socket

@@ -9,7 +9,7 @@ from __future__ import annotations
 from time import monotonic, time
 
 from twisted.logger import Logger
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.resource import IResource
 
 from .accesslog import LINES, AccessLogFile, text

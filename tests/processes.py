@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import FailTest, SkipTest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib"
@@ -45,15 +45,22 @@ def freePort() -> int:
         return s.getsockname()[1]
 
 
-def waitFor(predicate, what: str, timeout: float = 30.0):
+def waitFor(predicate, what, timeout: float = 30.0):
+    """
+    Poll C{predicate} until it returns something true, and return that;
+    fail after C{timeout} seconds, saying C{what} was awaited (a string, or
+    a callable that makes one, e.g. from a log read at that moment).
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+            raise FailTest(
+                f"not true after {timeout} s: {what() if callable(what) else what}"
+            )
+        time.sleep(0.02)
 
 
 def request(port: int, path: str, method: str = "GET", headers=None, host="127.0.0.1"):
@@ -88,6 +95,23 @@ def portFromLog(path) -> int:
     return int(match.group(1))
 
 
+def stopProcess(popen: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """
+    Stop a child with C{sig}, and kill it if it is still there after
+    C{timeout} seconds.
+
+    @return: its exit status.
+    """
+    if popen.poll() is None:
+        popen.send_signal(sig)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+    return popen.returncode
+
+
 class Process:
     """
     A child process with its output in a file, stopped at cleanup.
@@ -105,14 +129,7 @@ class Process:
         testCase.addCleanup(self.stop)
 
     def stop(self, sig=signal.SIGTERM) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
+        return stopProcess(self.popen, sig)
 
     def text(self) -> str:
         return fileText(self.output)

@@ -11,7 +11,8 @@ from nydusproxy import tap
 
 from .support import InMemoryServer, makeBlobDir, sha256
 from .test_accesslog import COMBINED
-from .test_e2e import E2EMixin, readText, registryPath, waitFor
+from .processes import fileText, waitFor
+from .test_e2e import E2EMixin, registryPath
 
 BLOB = b"x" * 5000
 PATH = f"/v2/a/blobs/sha256:{sha256(BLOB)}".encode()
@@ -113,7 +114,7 @@ class WorkersAccessLogFileTests(E2EMixin, SynchronousTestCase):
         """
         log = self.runDir / "access.log"
         server = self.startServer("--workers", "2", "--access-log", str(log))
-        waitFor(lambda: readText(server.logPath).count("starting on") >= 2 or None,
+        waitFor(lambda: fileText(server.logPath).count("starting on") >= 2 or None,
                 server.output, 30)
         port = server.port()
         import http.client
@@ -124,8 +125,8 @@ class WorkersAccessLogFileTests(E2EMixin, SynchronousTestCase):
             connection.request("HEAD", registryPath("sealer", name))
             self.assertEqual(connection.getresponse().status, 200)
             connection.close()
-        waitFor(lambda: len(readText(log).splitlines()) == 40 or None,
-                lambda: readText(log), 10)
-        for line in readText(log).splitlines():
+        waitFor(lambda: len(fileText(log).splitlines()) == 40 or None,
+                lambda: fileText(log), 10)
+        for line in fileText(log).splitlines():
             self.assertRegex(line, COMBINED)
-        self.assertNotIn('"HEAD ', readText(server.logPath))
+        self.assertNotIn('"HEAD ', fileText(server.logPath))

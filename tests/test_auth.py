@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
-from nydusproxy import auth, site, tap
+from nydusproxy import auth, tap
 
 from .clientsupport import makeAgent, readAll
 from .support import InMemoryServer, assertErrorCode, makeBlobDir, parseResponses, sha256

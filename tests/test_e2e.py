@@ -25,11 +25,12 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from time import monotonic, sleep
+from time import monotonic
 
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase
 
+from tests.processes import TWISTD, fileText, need, stopProcess, waitFor
 from tests.test_loopback import checkBodyHasErrorCodes
 
 KiB = 1024
@@ -45,7 +46,6 @@ NOT_NAMED_BY_SHA256 = {
         "4b16fb83ae9f62d8263323b8569535e66ebf21171cf98fd94db9db27b59755ac",
 }
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
 STARTED = re.compile(r"BlobSite starting on (\d+)")
 ACCESS_LINE = re.compile(
@@ -88,40 +88,6 @@ def fixtureBlobs() -> dict[str, bytes]:
         if hashlib.sha256(data).hexdigest() != expectedSha256(name):
             raise FailTest(f"fixture blob {name} is not the file the README describes")
     return blobs
-
-
-def requireTool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise SkipTest(
-            f"{name} is not installed: this test needs it (CI installs it: "
-            f"apt-get install {name})"
-        )
-    return path
-
-
-def readText(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
-def waitFor(
-    condition: Callable[[], object], describe: Callable[[], str], timeout: float = 10.0
-) -> object:
-    """
-    Poll C{condition} until it returns something true, and return that;
-    fail after C{timeout} seconds.
-    """
-    deadline = monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if monotonic() > deadline:
-            raise FailTest(f"not true after {timeout} s: {describe()}")
-        sleep(0.02)
 
 
 def processesMentioning(marker: str) -> list[int]:
@@ -184,8 +150,8 @@ class ServerProcess:
 
     def output(self) -> str:
         return (
-            f"exit status {self.process.poll()}\n--- log:\n{readText(self.logPath)}"
-            f"\n--- stderr:\n{readText(self.stderrPath)}"
+            f"exit status {self.process.poll()}\n--- log:\n{fileText(self.logPath)}"
+            f"\n--- stderr:\n{fileText(self.stderrPath)}"
         )
 
     def port(self, timeout: float = 30.0) -> int:
@@ -195,7 +161,7 @@ class ServerProcess:
         """
 
         def started() -> int | None:
-            found = STARTED.search(readText(self.logPath))
+            found = STARTED.search(fileText(self.logPath))
             if found is not None:
                 return int(found.group(1))
             if self.process.poll() is not None:
@@ -211,17 +177,10 @@ class ServerProcess:
         """
         status = self.stop()
         case.assertIn(status, (0, -signal.SIGTERM), self.output())
-        case.assertIn("Server Shut Down", readText(self.logPath), self.output())
+        case.assertIn("Server Shut Down", fileText(self.logPath), self.output())
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stopProcess(self.process, timeout=10)
 
 
 def assertSameBytes(case: SynchronousTestCase, got: bytes, want: bytes, what: str) -> None:
@@ -397,7 +356,7 @@ class ForegroundTests(E2EMixin, SynchronousTestCase):
         curl downloads every fixture blob whole, and a range of it, and
         gets its size from HEAD.
         """
-        curl = requireTool("curl")
+        curl = need("curl", "this test needs it", "curl")
         port = self.startServer().port()
         out = self.runDir / "curl.out"
         headers = self.runDir / "curl.headers"
@@ -435,7 +394,7 @@ class ForegroundTests(E2EMixin, SynchronousTestCase):
         aria2c with 4 connections downloads every fixture blob, checks its
         sha256, and the large one arrives in several ranged requests.
         """
-        aria2c = requireTool("aria2c")
+        aria2c = need("aria2c", "this test needs it", "aria2")
         server = self.startServer()
         port = server.port()
         downloads = self.runDir / "downloads"
@@ -455,7 +414,7 @@ class ForegroundTests(E2EMixin, SynchronousTestCase):
         largest = max(self.blobs, key=lambda name: len(self.blobs[name]))
         self.assertGreater(len(self.blobs[largest]), 2 * MiB)
         ranged = lambda: [
-            line for line in accessLines(readText(server.logPath))
+            line for line in accessLines(fileText(server.logPath))
             if line["path"].endswith(largest) and line["status"] == "206"
         ]
         waitFor(lambda: len(ranged()) >= 2, lambda: f"ranged requests: {ranged()}")
@@ -602,7 +561,7 @@ class ForegroundTests(E2EMixin, SynchronousTestCase):
 
         # Stop the server so that every line it would write is written.
         server.stopCleanly(self)
-        lines = accessLines(readText(server.logPath))
+        lines = accessLines(fileText(server.logPath))
         self.assertEqual(
             [(m["method"], m["path"], m["status"], m["bytes"]) for m in lines], expected
         )
@@ -622,7 +581,7 @@ class ForegroundTests(E2EMixin, SynchronousTestCase):
         response, body = client.request("HEAD", path)
         self.assertEqual(response.status, 200)
         server.stopCleanly(self)
-        [line] = [line for line in readText(server.logPath).splitlines()
+        [line] = [line for line in fileText(server.logPath).splitlines()
                   if f'"HEAD {path} HTTP/1.1"' in line]
         self.assertIn("[nydusproxy.access#info] ", line)
 
@@ -637,7 +596,7 @@ class ForegroundTests(E2EMixin, SynchronousTestCase):
         self.assertEqual(response.status, 206)
         assertSameBytes(self, body, self.blobs[name][:100], "bytes=0-99")
         server.stopCleanly(self)
-        log = readText(server.logPath)
+        log = fileText(server.logPath)
         self.assertEqual(accessLines(log), [])
 
     def test_unknownBlob(self) -> None:
@@ -716,23 +675,23 @@ class DaemonTests(E2EMixin, SynchronousTestCase):
                 cwd=self.runDir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 env=childEnvironment(), timeout=60,
             )
-        output = readText(self.runDir / "out.txt") + readText(self.runDir / "err.txt")
-        self.assertEqual(result.returncode, 0, output + readText(logfile))
+        output = fileText(self.runDir / "out.txt") + fileText(self.runDir / "err.txt")
+        self.assertEqual(result.returncode, 0, output + fileText(logfile))
 
         pid = int(pidfile.read_text().strip())
         self.assertIn(pid, processesMentioning(str(self.runDir)))
 
-        found = waitFor(lambda: STARTED.search(readText(logfile)), lambda: readText(logfile))
+        found = waitFor(lambda: STARTED.search(fileText(logfile)), lambda: fileText(logfile))
         client = NydusdLikeClient(self, int(found.group(1)))
         name = sorted(self.blobs)[-1]
         path = registryPath("library/ubuntu", name)
         client.checkRange(path, self.blobs[name], 1000, 9999)
         client.connection.close()
         waitFor(
-            lambda: [m for m in accessLines(readText(logfile))
+            lambda: [m for m in accessLines(fileText(logfile))
                      if (m["method"], m["path"], m["status"], m["bytes"])
                      == ("GET", path, "206", "9000")],
-            lambda: readText(logfile),
+            lambda: fileText(logfile),
         )
 
         os.kill(pid, signal.SIGTERM)
@@ -745,7 +704,7 @@ class DaemonTests(E2EMixin, SynchronousTestCase):
         waitFor(pidfileGone, lambda: f"{pidfile} still there")
         waitFor(lambda: pid not in processesMentioning(str(self.runDir)),
                 lambda: f"process {pid} still running")
-        lastLine = readText(logfile).rstrip("\n").splitlines()[-1]
+        lastLine = fileText(logfile).rstrip("\n").splitlines()[-1]
         self.assertIn("Server Shut Down", lastLine)
 
 
@@ -793,8 +752,8 @@ class StartupErrorTests(E2EMixin, SynchronousTestCase):
                 cwd=self.runDir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 env=childEnvironment(), timeout=30, preexec_fn=preexec,
             )
-        stdout, stderr = readText(stdoutPath), readText(stderrPath)
-        everything = f"exit status {result.returncode}\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}\n--- log:\n{readText(logfile)}"
+        stdout, stderr = fileText(stdoutPath), fileText(stderrPath)
+        everything = f"exit status {result.returncode}\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}\n--- log:\n{fileText(logfile)}"
         self.assertNotEqual(result.returncode, 0, everything)
         lines = [line for line in stderr.splitlines() if line.strip()]
         if daemon and lines[1:] == [self.TWISTD_DAEMON_HINT]:
@@ -803,7 +762,7 @@ class StartupErrorTests(E2EMixin, SynchronousTestCase):
         self.assertEqual(len(lines), 1, f"expected one line on stderr; {everything}")
         for text in mentions:
             self.assertIn(text, lines[0], everything)
-        self.assertNotIn("Traceback", stdout + stderr + readText(logfile), everything)
+        self.assertNotIn("Traceback", stdout + stderr + fileText(logfile), everything)
         if daemon:
             self.assertFalse(pidfile.exists(), f"pidfile left behind; {everything}")
             waitFor(

@@ -14,7 +14,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from nydusproxy.workers import tcpAddress
 
-from .test_e2e import E2EMixin, ServerProcess, readText, registryPath, waitFor
+from .processes import fileText, waitFor
+from .test_e2e import E2EMixin, ServerProcess, registryPath
 
 LISTENING = re.compile(r"Listening on 127\.0\.0\.1:(\d+) with (\d+) workers")
 
@@ -56,7 +57,7 @@ class SupervisorTests(E2EMixin, SynchronousTestCase):
 
     def start(self):
         server = self.startServer("--workers", "2")
-        found = waitFor(lambda: LISTENING.search(readText(server.logPath)), server.output, 30)
+        found = waitFor(lambda: LISTENING.search(fileText(server.logPath)), server.output, 30)
         self.assertEqual(found.group(2), "2")
         server.port()  # a worker has started listening
         pid = server.process.pid
@@ -104,7 +105,7 @@ class SupervisorTests(E2EMixin, SynchronousTestCase):
             30,
         )
         self.assertIn(second, children(pid))
-        self.assertIn("starting it again", readText(server.logPath))
+        self.assertIn("starting it again", fileText(server.logPath))
         for _ in range(10):
             self.assertEqual(self.head(port), 200)
 
@@ -191,7 +192,7 @@ class SupervisorStartTests(E2EMixin, SynchronousTestCase):
         server = self.startServer("--workers", "2", "--listen", f"tcp:{port}:interface=127.0.0.1")
         self.assertEqual(server.process.wait(30), 1, server.output())
         self.assertEqual(
-            readText(server.stderrPath).strip(),
+            fileText(server.stderrPath).strip(),
             f"nydus-proxy: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use",
         )
 
@@ -214,12 +215,12 @@ class SupervisorStartTests(E2EMixin, SynchronousTestCase):
              "--listen", "tcp:0:interface=127.0.0.1", "--workers", "2"],
             self.runDir,
         )
-        port = int(waitFor(lambda: LISTENING.search(readText(server.logPath)), server.output, 30)
+        port = int(waitFor(lambda: LISTENING.search(fileText(server.logPath)), server.output, 30)
                    .group(1))
-        waitFor(lambda: readText(server.logPath).count("starting on") >= 2 or None,
+        waitFor(lambda: fileText(server.logPath).count("starting on") >= 2 or None,
                 server.output, 30)
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         connection.request("GET", "/v2/")
         self.assertEqual(connection.getresponse().status, 200)
         connection.close()
-        self.assertNotIn("the wrong nydusproxy", readText(server.logPath))
+        self.assertNotIn("the wrong nydusproxy", fileText(server.logPath))
