@@ -3,13 +3,16 @@ Limits on what one client, or all of them, can hold of the server: how long
 a request may take to arrive, how large its head may be, how long a
 connection may sit idle or unread, and how many connections are open.
 
-Twisted's L{HTTPChannel} already has an idle timeout, but it restarts on
-every byte received, so a client that sends one byte a minute keeps a
-socket for ever (and it is switched off while a response is being sent:
-the blob producers time out a client that stops reading).
-L{LimitedHTTPChannel} adds the missing deadline and the head caps, and
-counts itself into the site's L{Connections}; its transport stays the real
-socket, so back-pressure reaches the blob producer as before.
+Twisted's L{HTTPChannel} has an idle timeout (through TimeoutMixin), but
+it restarts on every byte received, so a client that sends one byte a
+minute keeps a socket for ever; and it cancels and schedules a timer for
+every request, a cost that shows on small range reads.
+L{LimitedHTTPChannel} keeps the idle timeout with one timer a connection
+that is checked when it comes due, adds the missing request deadline and
+the head caps, and counts itself into the site's L{Connections}; its
+transport stays the real socket, so back-pressure reaches the blob producer
+as before.  (While a response is being sent the idle timeout waits: the
+blob producers time out a client that stops reading.)
 """
 
 from __future__ import annotations
@@ -171,12 +174,16 @@ class LimitedHTTPChannel(http.HTTPChannel):
         self._headLines = 0
         self._deadline: IDelayedCall | None = None
         self._linger: IDelayedCall | None = None
+        self._idleCheck: IDelayedCall | None = None
+        self._seconds = connections.clock.seconds
+        self._lastActive = 0.0
 
     # Receiving a request.
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
+        self._lastActive = self._seconds()
         super().dataReceived(data)
         # The clock starts only for a request left incomplete by this read
         # (most arrive whole, and a timer per request costs), at the read
@@ -229,7 +236,17 @@ class LimitedHTTPChannel(http.HTTPChannel):
 
     def requestDone(self, request) -> None:
         self.busy = False
+        self._lastActive = self._seconds()
         super().requestDone(request)
+
+    def _checkIdle(self) -> None:
+        self._idleCheck = None
+        timeout = self.limits.idleTimeout
+        idle = 0.0 if self.busy else self._seconds() - self._lastActive
+        if idle >= timeout:
+            self.timeoutConnection()
+        else:
+            self._idleCheck = self.callLater(timeout - idle, self._checkIdle)
 
     def _requestTimedOut(self) -> None:
         self._deadline = None
@@ -245,7 +262,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
             return
         self._refused = True
         self._cancel("_deadline")
-        self.setTimeout(None)
+        self._cancel("_idleCheck")
         self.clearLineBuffer()
         self._networkProducer.unregisterProducer()
         self.transport.write(errorResponse(code))
@@ -268,6 +285,8 @@ class LimitedHTTPChannel(http.HTTPChannel):
             return
         self.admitted = True
         super().makeConnection(transport)
+        self._lastActive = self._seconds()
+        self._idleCheck = self.callLater(self.limits.idleTimeout, self._checkIdle)
 
     def shutdown(self) -> None:
         """
@@ -294,7 +313,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
             return
         self.admitted = False
         self.connections.release(self)
-        for name in ("_deadline", "_linger"):
+        for name in ("_deadline", "_linger", "_idleCheck"):
             self._cancel(name)
         super().connectionLost(reason)
 

@@ -110,7 +110,9 @@ class BlobSite(server.Site):
         **kwargs,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
-        self.timeOut = limits.idleTimeout
+        # The channel keeps the idle timeout (limits.LimitedHTTPChannel),
+        # more cheaply than Twisted's TimeoutMixin.
+        self.timeOut = None
         self.connections = Connections(limits, self.reactor)
         # HTTP/1.1 only: Twisted's default wraps the channel in a protocol
         # that can switch to HTTP/2, which this server does not offer.

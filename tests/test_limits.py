@@ -249,14 +249,60 @@ class IdleTests(SynchronousTestCase):
 
     def test_idleTimeout(self):
         """
-        --idle-timeout is the site's: a connection that sends nothing for
-        that long is closed.
+        A connection that sends nothing for --idle-timeout seconds is
+        closed.
         """
-        self.assertEqual(self.server.site.timeOut, 5)
         protocol, transport = connectFrom(self.server)
         self.server.clock.advance(4.5)
         self.assertFalse(transport.disconnecting)
         self.server.clock.advance(0.5)
+        self.assertTrue(transport.disconnecting)
+
+    def test_idleFromLastByteAndLastResponse(self):
+        """
+        The idle time counts from the last byte received, and from the end
+        of the last response.
+        """
+        protocol, transport = connectFrom(self.server)
+        self.server.clock.advance(3)
+        protocol.dataReceived(b"GET /v2/ HTTP/1.1\r\n")
+        self.server.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"\r\n")
+        self.server.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.server.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        [response] = parseResponses(transport.value(), [b"GET"])
+        self.assertEqual(response.status, 200)
+
+    def test_noTimerPerRequest(self):
+        """
+        Keep-alive requests schedule no idle timer of their own (a timer
+        per request is a cost of every small range): the connection's one
+        timer notices activity when it comes due, and waits again.
+        """
+        protocol, transport = connectFrom(self.server)
+        scheduled = []
+
+        def callLater(delay, *args, **kwargs):
+            scheduled.append(delay)
+            return self.server.clock.callLater(delay, *args, **kwargs)
+
+        protocol.callLater = callLater
+        small = request(b"GET", b"/v2/", close=False)
+        for _ in range(8):
+            protocol.dataReceived(small)
+            self.server.clock.advance(0.25)
+        self.assertEqual(scheduled, [])
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 8)
+        # The timer set at connection comes due at 5 s, 3.25 s after the
+        # last request, and waits the 1.75 s left.
+        self.server.clock.advance(3)
+        self.assertEqual(scheduled, [1.75])
+        self.server.clock.advance(1.5)
+        self.assertFalse(transport.disconnecting)
+        self.server.clock.advance(0.25)
         self.assertTrue(transport.disconnecting)
 
     def test_unreadResponse(self):

@@ -178,7 +178,7 @@ class MetricsListenTests(SynchronousTestCase):
         self.blobsdir = makeBlobDir(self, [BLOB])
 
     def sites(self, *extra):
-        reactor = MemoryReactor()
+        reactor = MemoryReactorClock()
         service = tap.makeService(makeOptions(self.blobsdir, *extra), reactor=reactor)
         service.privilegedStartService()
         return {port: factory for port, factory, _, _ in reactor.tcpServers}
@@ -190,7 +190,6 @@ class MetricsListenTests(SynchronousTestCase):
         """
         sites = self.sites("--listen", "tcp:8000", "--metrics-listen", "tcp:9100:interface=127.0.0.1")
         blobSite, metricsSite = sites[8000], sites[9100]
-        blobSite.reactor = metricsSite.reactor = MemoryReactorClock()
         self.assertEqual(exchange(blobSite, b"HEAD", BLOB_PATH).status, 200)
         assertErrorCode(self, exchange(blobSite, b"GET", b"/metrics"), 404, "NAME_UNKNOWN")
         response = exchange(metricsSite, b"GET", b"/metrics")
