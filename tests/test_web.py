@@ -19,6 +19,7 @@ from .support import (
     copyFixtureBlobs,
     makeBlobDir,
     makeOptions,
+    parseResponses,
     sha256,
 )
 
@@ -648,3 +649,80 @@ class ConditionalTests(SynchronousTestCase):
             response = self.server.get(path("a", DIGEST), range=b"bytes=0-9", if_range=value)
             self.assertEqual(response.status, status, value)
             self.assertEqual(response.body, BLOB[:10] if status == 206 else BLOB)
+
+
+class ResponseHeadTests(SynchronousTestCase):
+    """
+    What every response carries, whatever answers it, and requests that
+    never reach the router.
+    """
+
+    def setUp(self):
+        self.server = InMemoryServer(makeBlobDir(self, [BLOB]))
+
+    def test_serverAndDate(self):
+        """
+        Blob answers, errors and the version check carry Server (Twisted's)
+        and Date, the time of the answer to the second.
+        """
+        from email.utils import parsedate_to_datetime
+        from time import time
+
+        from twisted.web.server import version
+
+        for response in (
+            self.server.get(path("a", DIGEST), range=b"bytes=0-9"),
+            self.server.get(path("a", "sha256:" + "0" * 64)),
+            self.server.get(b"/v2/"),
+        ):
+            self.assertEqual(response.header("server"), version.decode())
+            self.assertEqual(len(response.headers["date"]), 1)
+            sent = parsedate_to_datetime(response.header("date")).timestamp()
+            self.assertLessEqual(abs(sent - time()), 2)
+
+    def test_dateFormattedOnceASecond(self):
+        """
+        The Date value is made once a second, and is the RFC 9110 date of
+        that second.
+        """
+        from nydusproxy.site import HTTPDate
+
+        now = [784111777.25]
+        date = HTTPDate(lambda: now[0])
+        first = date()
+        self.assertEqual(first, b"Sun, 06 Nov 1994 08:49:37 GMT")
+        now[0] = 784111777.99
+        self.assertIs(date(), first)
+        now[0] = 784111778.0
+        self.assertEqual(date(), b"Sun, 06 Nov 1994 08:49:38 GMT")
+
+    def test_asterisk(self):
+        """
+        C{OPTIONS *} is answered 200 with no body, and another method on
+        C{*} 405 allowing OPTIONS, as Twisted answers them.
+        """
+        [options, get] = self.server.exchange((b"OPTIONS", b"*", {}), (b"GET", b"*", {}))
+        self.assertEqual((options.status, options.header("content-length")), (200, "0"))
+        self.assertEqual((get.status, get.header("allow")), (405, "OPTIONS"))
+
+    def test_rootWithChildren(self):
+        """
+        A site whose root is not a leaf still walks the tree to the
+        resource, as Twisted does.
+        """
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+        from twisted.web.resource import Resource
+        from twisted.web.static import Data
+
+        from nydusproxy.site import BlobSite
+
+        root = Resource()
+        root.putChild(b"child", Data(b"hello", "text/plain"))
+        site = BlobSite(root, accessLog=False, reactor=MemoryReactorClock())
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET /child HTTP/1.1\r\nHost: x\r\n\r\n")
+        [response] = parseResponses(transport.value(), [b"GET"])
+        self.assertEqual((response.status, response.body), (200, b"hello"))
+
