@@ -229,7 +229,8 @@ class LimitedHTTPChannel(http.HTTPChannel):
     def allContentReceived(self) -> None:
         if self._refused:
             return
-        self._cancel("_deadline")
+        if self._deadline is not None:
+            self._cancel("_deadline")
         self._headBytes = self._headLines = 0
         self.busy = True
         super().allContentReceived()

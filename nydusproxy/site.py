@@ -89,13 +89,14 @@ class AccessLoggingRequest(server.Request):
 class BlobChannel(LimitedHTTPChannel):
     """
     Twisted's HTTP/1.1 channel with the server's limits, counted into the
-    metrics, and with two costs of every request taken out: the local
-    address is asked of the socket once per connection instead of once per
-    request, and the response head goes to the transport as one string
-    instead of four pieces per header.
+    metrics, and with two costs of every request taken out: the addresses
+    of both ends are asked of the transport once per connection instead of
+    once per request, and the response head goes to the transport as one
+    string instead of four pieces per header.
     """
 
     _host = None
+    _peer = None
     _started = False
 
     def connectionMade(self) -> None:
@@ -124,6 +125,11 @@ class BlobChannel(LimitedHTTPChannel):
         if self._host is None:
             self._host = super().getHost()
         return self._host
+
+    def getPeer(self):
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     def writeHeaders(self, version, code, reason, headers) -> None:
         # Values come from a Headers object, which has sanitized them.

@@ -726,3 +726,35 @@ class ResponseHeadTests(SynchronousTestCase):
         [response] = parseResponses(transport.value(), [b"GET"])
         self.assertEqual((response.status, response.body), (200, b"hello"))
 
+    def test_addressesAskedOncePerConnection(self):
+        """
+        The channel asks the transport for the addresses of both ends once
+        per connection, not once per request.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        asked = []
+
+        class CountingTransport(StringTransport):
+            def getPeer(self):
+                asked.append("peer")
+                return super().getPeer()
+
+            def getHost(self):
+                asked.append("host")
+                return super().getHost()
+
+        peer = IPv4Address("TCP", "192.0.2.7", 40000)
+        protocol = self.server.site.buildProtocol(peer)
+        transport = CountingTransport(peerAddress=peer)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        afterOne = sorted(asked)
+        for _ in range(3):
+            protocol.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 4)
+        self.assertIn("peer", afterOne)
+        self.assertIn("host", afterOne)
+        self.assertEqual(sorted(asked), afterOne)
+        self.assertEqual(protocol.getPeer(), peer)
