@@ -25,9 +25,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web import http
+from twisted.web import http, server
 
 from . import errors
+from .httpdate import currentDate
 
 # The protocol errors of this module are not in the distribution spec's
 # table, which describes refusals of valid requests; DENIED is the nearest
@@ -126,6 +127,8 @@ def errorResponse(code: errors.ErrorCode, detail: Any = None) -> bytes:
     body = errors.errorBody(code, detail)
     return (
         b"HTTP/1.1 %d %s\r\n"
+        b"Server: %s\r\n"
+        b"Date: %s\r\n"
         b"Connection: close\r\n"
         b"Content-Type: application/json\r\n"
         b"Content-Length: %d\r\n"
@@ -134,6 +137,8 @@ def errorResponse(code: errors.ErrorCode, detail: Any = None) -> bytes:
         % (
             code.status,
             _REASONS[code.status],
+            server.version,
+            currentDate(),
             len(body),
             errors.API_VERSION_HEADER,
             errors.API_VERSION,

@@ -6,16 +6,16 @@ took and the ones cut short, and the hooks that feed the metrics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from time import monotonic, time
 from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.resource import IResource
 
 from .accesslog import LINES, AccessLogFile, text
+from .httpdate import currentDate
 from .limits import Connections, Limits, LimitedHTTPChannel
 
 # Health probes come every few seconds: they are not access-logged.
@@ -26,25 +26,6 @@ _QUIET_PATHS = frozenset({b"/healthz"})
 _TLS_HANDSHAKE = b"\x16"
 
 
-class HTTPDate:
-    """
-    The value of the Date header: the time C{now()} gives, formatted once a
-    second rather than for every response.
-    """
-
-    def __init__(self, now: Callable[[], float] = time) -> None:
-        self._now = now
-        self._second: int | None = None
-        self._value = b""
-
-    def __call__(self) -> bytes:
-        second = int(self._now())
-        if second != self._second:
-            self._second = second
-            self._value = http.datetimeToString(second)
-        return self._value
-
-
 class AccessLoggingRequest(server.Request):
     """
     Twisted's request, timed for the access log and counted into the
@@ -52,7 +33,6 @@ class AccessLoggingRequest(server.Request):
     """
 
     startedAt: float | None = None
-    date = HTTPDate()
 
     def process(self) -> None:
         self.startedAt = monotonic()
@@ -70,7 +50,7 @@ class AccessLoggingRequest(server.Request):
         # cannot go below the root.
         headers = self.responseHeaders._rawHeaders
         headers[b"Server"] = [server.version]
-        headers[b"Date"] = [self.date()]
+        headers[b"Date"] = [currentDate()]
         self.prepath = []
         self.sitepath = []
         self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))

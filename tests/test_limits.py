@@ -7,6 +7,8 @@ real loopback sockets, each while a normal client is being served.
 
 import json
 import os
+import time
+from email.utils import parsedate_to_datetime
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
@@ -14,6 +16,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.server import version as twistedWebVersion
 
 from nydusproxy import limits, tap
 
@@ -45,10 +48,18 @@ def runTurns(server):
 
 
 def assertRefused(testCase, raw, status, message):
+    """
+    Check a refusal: its status, a JSON DENIED error with C{message}, and
+    the head every answer carries (Date, as RFC 9110 requires of 4xx, and
+    Server).
+    """
     [response] = parseResponses(raw, [b"GET"])
     testCase.assertEqual(response.status, status)
     testCase.assertEqual(response.header("connection"), "close")
     testCase.assertEqual(response.header("content-type"), "application/json")
+    testCase.assertEqual(response.header("server"), twistedWebVersion.decode())
+    sent = parsedate_to_datetime(response.header("date")).timestamp()
+    testCase.assertLessEqual(abs(sent - time.time()), 2)
     error = json.loads(response.body)["errors"][0]
     testCase.assertEqual((error["code"], error["message"]), ("DENIED", message))
 

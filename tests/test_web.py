@@ -685,7 +685,7 @@ class ResponseHeadTests(SynchronousTestCase):
         The Date value is made once a second, and is the RFC 9110 date of
         that second.
         """
-        from nydusproxy.site import HTTPDate
+        from nydusproxy.httpdate import HTTPDate
 
         now = [784111777.25]
         date = HTTPDate(lambda: now[0])

@@ -1,0 +1,33 @@
+"""
+The Date header's value, made once a second rather than for every answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from time import time
+
+from twisted.web.http import datetimeToString
+
+
+class HTTPDate:
+    """
+    The time C{now()} gives, as an HTTP date, formatted again only when the
+    second changes.
+    """
+
+    def __init__(self, now: Callable[[], float] = time) -> None:
+        self._now = now
+        self._second: int | None = None
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        second = int(self._now())
+        if second != self._second:
+            self._second = second
+            self._value = datetimeToString(second)
+        return self._value
+
+
+# The server's clock, for every answer.
+currentDate = HTTPDate()
