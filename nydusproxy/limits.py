@@ -25,7 +25,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web import http, server
+from twisted.web import server
+from twisted.web.http import HTTPChannel
 
 from . import errors
 from .httpdate import currentDate
@@ -147,7 +148,7 @@ def errorResponse(code: errors.ErrorCode, detail: Any = None) -> bytes:
     )
 
 
-class LimitedHTTPChannel(http.HTTPChannel):
+class LimitedHTTPChannel(HTTPChannel):
     """
     An L{HTTPChannel} with a deadline for each request to arrive, and a cap
     on the size of its head answered with a JSON 414 or 431 (and 413 for a
@@ -171,7 +172,8 @@ class LimitedHTTPChannel(http.HTTPChannel):
         self.admitted = False
         # Twisted's own caps: the longest line, and the whole head (which
         # it answers with a bare 400).  Ours are checked first.
-        self.MAX_LENGTH = limits.maxHeaderBytes
+        self.MAX_LENGTH = self._maxHeaderBytes = limits.maxHeaderBytes
+        self._delimiterLength = len(self.delimiter)
         self.totalHeadersSize = limits.maxHeaderBytes
         self.busy = False
         self._refused = False
@@ -189,7 +191,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
         if self._refused:
             return
         self._lastActive = self._seconds()
-        super().dataReceived(data)
+        HTTPChannel.dataReceived(self, data)
         # The clock starts only for a request left incomplete by this read
         # (most arrive whole, and a timer per request costs), at the read
         # that brought its first bytes; bytes of a pipelined request held
@@ -212,20 +214,20 @@ class LimitedHTTPChannel(http.HTTPChannel):
         return bool(self._headLines or self._buffer)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._refused:
-            return
-        self._headBytes += len(line) + len(self.delimiter)
-        if self._headBytes > self.limits.maxHeaderBytes:
+        # Called for every line of every head: kept lean.
+        headBytes = self._headBytes + len(line) + self._delimiterLength
+        if headBytes > self._maxHeaderBytes:
             self._refuse(HEADERS_TOO_LARGE if self._headLines else URI_TOO_LONG)
             return
+        self._headBytes = headBytes
         self._headLines += 1
-        super().lineReceived(line)
+        HTTPChannel.lineReceived(self, line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse(HEADERS_TOO_LARGE if self._headLines else URI_TOO_LONG)
 
     def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()
+        HTTPChannel.allHeadersReceived(self)
         # No request this server answers has a body: refuse to store a
         # large or chunked one (Twisted would spool it to a file).
         if self.length is None or self.length > self.limits.maxHeaderBytes:
@@ -238,12 +240,12 @@ class LimitedHTTPChannel(http.HTTPChannel):
             self._cancel("_deadline")
         self._headBytes = self._headLines = 0
         self.busy = True
-        super().allContentReceived()
+        HTTPChannel.allContentReceived(self)
 
     def requestDone(self, request) -> None:
         self.busy = False
         self._lastActive = self._seconds()
-        super().requestDone(request)
+        HTTPChannel.requestDone(self, request)
 
     def _checkIdle(self) -> None:
         self._idleCheck = None

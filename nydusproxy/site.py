@@ -99,7 +99,7 @@ class BlobChannel(LimitedHTTPChannel):
                 # for the HTTP parser, so without this they would wait out
                 # their handshake timeout: answer 400 and close at once.
                 data = _TLS_HANDSHAKE + b"\r\n"
-        super().dataReceived(data)
+        LimitedHTTPChannel.dataReceived(self, data)
 
     def getHost(self):
         if self._host is None:
