@@ -52,6 +52,29 @@ class BlobResponseTests(SynchronousTestCase):
         self.assertEqual(response.header("docker-distribution-api-version"), "registry/2.0")
         self.assertEqual(response.body, b"")
 
+    def test_eachHeaderOnce(self):
+        """
+        Every answer names each header once, in Twisted's canonical case
+        (some are stored as made, past Headers' own spelling of names).
+        """
+        answers = [
+            self.server.get(path("a", DIGEST), method=b"HEAD"),
+            self.server.get(path("a", DIGEST)),
+            self.server.get(path("a", DIGEST), range=b"bytes=0-9"),
+            self.server.get(path("a", DIGEST), range=b"bytes=9999999-"),
+            self.server.get(path("a", DIGEST), if_none_match=f'"{DIGEST}"'.encode()),
+            self.server.get(path("a", "sha256:" + "0" * 64)),
+        ]
+        self.assertEqual([a.status for a in answers], [200, 200, 206, 416, 304, 404])
+        for answer in answers:
+            names = [line.split(b":")[0] for line in answer.raw.split(b"\r\n")[1:] if line]
+            self.assertEqual(len(names), len(set(names)), names)
+            self.assertIn(b"Docker-Distribution-Api-Version", names)
+            self.assertIn(b"Date", names)
+            if answer.status != 404:
+                self.assertIn(b"ETag", names)
+                self.assertIn(b"Docker-Content-Digest", names)
+
     def test_headIgnoresRange(self):
         """
         HEAD with a Range still answers 200 with the full size, which is
