@@ -47,6 +47,20 @@ def runTurns(server):
         server.clock.advance(0)
 
 
+def recordDelays(server, protocol):
+    """
+    The delays of the calls C{protocol} schedules from now on, in order.
+    """
+    scheduled = []
+
+    def callLater(delay, *args, **kwargs):
+        scheduled.append(delay)
+        return server.clock.callLater(delay, *args, **kwargs)
+
+    protocol.callLater = callLater
+    return scheduled
+
+
 def assertRefused(testCase, raw, status, message):
     """
     Check a refusal: its status, a JSON DENIED error with C{message}, and
@@ -135,13 +149,7 @@ class RequestDeadlineTests(SynchronousTestCase):
         timeout.
         """
         protocol, transport = connectFrom(self.server)
-        scheduled = []
-
-        def callLater(delay, *args, **kwargs):
-            scheduled.append(delay)
-            return self.server.clock.callLater(delay, *args, **kwargs)
-
-        protocol.callLater = callLater
+        scheduled = recordDelays(self.server, protocol)
         for _ in range(3):
             protocol.dataReceived(GET_BLOB)
             runTurns(self.server)
@@ -294,13 +302,7 @@ class IdleTests(SynchronousTestCase):
         timer notices activity when it comes due, and waits again.
         """
         protocol, transport = connectFrom(self.server)
-        scheduled = []
-
-        def callLater(delay, *args, **kwargs):
-            scheduled.append(delay)
-            return self.server.clock.callLater(delay, *args, **kwargs)
-
-        protocol.callLater = callLater
+        scheduled = recordDelays(self.server, protocol)
         small = request(b"GET", b"/v2/", close=False)
         for _ in range(8):
             protocol.dataReceived(small)
