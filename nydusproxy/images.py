@@ -28,13 +28,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from .grammar import DIGEST, NAME_COMPONENT, NAME_MAX, TAG
 from .store import BlobStore
 
-# The OCI distribution spec's grammars.
-NAME_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*\Z")
-NAME_MAX = 255
-TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}\Z")
-DIGEST = re.compile(r"(sha256):([a-f0-9]{64})\Z|(sha512):([a-f0-9]{128})\Z")
 # RFC 6838 type/subtype, as a media type may appear in a header.
 MEDIA_TYPE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}\Z"

@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from . import errors
-from .images import DIGEST, NAME_COMPONENT, OCI_INDEX, TAG, ImageRoot, Layout, isValidName
+from .grammar import DIGEST, NAME_COMPONENT, TAG
+from .images import OCI_INDEX, ImageRoot, Layout, isValidName
 from .store import BlobStore
 
 _JSON = b"application/json"
