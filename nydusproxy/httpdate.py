@@ -1,10 +1,12 @@
 """
-The Date header's value, made once a second rather than for every answer.
+HTTP dates, formatted as few times as they can be: the Date header's value
+once a second, and the Last-Modified value once per file time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 from time import time
 
 from twisted.web.http import datetimeToString
@@ -31,3 +33,6 @@ class HTTPDate:
 
 # The server's clock, for every answer.
 currentDate = HTTPDate()
+
+# Blobs in a directory share few modification times.
+lastModified = lru_cache(maxsize=256)(datetimeToString)

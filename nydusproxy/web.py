@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.http import datetimeToString
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from . import errors
+from . import errors, grammar
 from .conditional import notModified, rangeApplies
+from .httpdate import lastModified
 from .producer import FileProducer, Part, SendfileProducer, sendfileTransport
 from .ranges import parseRange
 from .store import BlobStore
@@ -26,10 +26,9 @@ from .store import BlobStore
 if TYPE_CHECKING:
     from .auth import Authenticator
 
-# The OCI distribution spec's grammar for one component of a repository name.
-_NAME_COMPONENT = re.compile(rb"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*\Z")
-_NAME_MAX = 255
-_DIGEST = re.compile(rb"(sha256):([a-f0-9]{64})\Z|(sha512):([a-f0-9]{128})\Z")
+_NAME_COMPONENT = grammar.forBytes(grammar.NAME_COMPONENT)
+_NAME_MAX = grammar.NAME_MAX
+_DIGEST = grammar.forBytes(grammar.DIGEST)
 # nydusd's http-proxy backend asks for the bare id, without "sha256:".
 _BARE_ID = re.compile(rb"[a-f0-9]{64}\Z")
 _REFERENCE_MAX = len(b"sha512:") + 128
@@ -42,10 +41,6 @@ _EMPTY_JSON = b"{}"
 _CONDITIONAL = frozenset({b"If-None-Match", b"If-Modified-Since", b"If-Range"})
 # Blobs are content-addressed: what a digest names never changes.
 _IMMUTABLE = b"public, max-age=31536000, immutable"
-
-
-# Blobs in a directory share few modification times.
-_httpDate = lru_cache(maxsize=256)(datetimeToString)
 
 
 class BlobResource:
@@ -153,7 +148,7 @@ class BlobResource:
         headers[b"Docker-Content-Digest"] = [digest]
         headers[b"ETag"] = [etag]
         headers[b"Cache-Control"] = [_IMMUTABLE]
-        headers[b"Last-Modified"] = [_httpDate(modified)]
+        headers[b"Last-Modified"] = [lastModified(modified)]
         headers[b"Accept-Ranges"] = [b"bytes"]
         # One pass over the request's few headers instead of a look-up for
         # each of the four that matter here, three of them rarely sent.
